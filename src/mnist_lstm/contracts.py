@@ -1,0 +1,191 @@
+"""What each stage writes, and readers that check it before anyone trusts it.
+
+raw (fetch)         `.npz`: x_train (n,28,28) uint8, y_train (n,) uint8, x_test (m,28,28) uint8,
+                    y_test (m,) uint8 -- the layout of Keras' own mnist.npz.
+processed           `.npz`: x_train, x_val, x_holdout (n,28,28) float32 in [0, 1];
+  (normalize)       y_train, y_val, y_holdout (n,) uint8 in 0..9.
+
+Every file is written atomically (temp file + rename), so an interrupted stage never leaves a
+half-written output, and every reader uses `allow_pickle=False`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import tempfile
+import zipfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mnist_lstm.errors import UserError
+
+IMAGE_SHAPE = (28, 28)
+NUM_CLASSES = 10
+RAW_KEYS = ("x_train", "y_train", "x_test", "y_test")
+PROCESSED_SPLITS = ("train", "val", "holdout")
+
+
+class ContractError(UserError):
+    """A file between stages is missing, damaged or not in the documented layout."""
+
+
+@contextlib.contextmanager
+def atomic_path(path: Path, suffix: str = "") -> Iterator[Path]:
+    """Yield a temp path beside `path`; it replaces `path` only if the block succeeds."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix or path.suffix)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.replace(tmp, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+
+
+def write_json(path: Path, payload: Any) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def sha256_array(arr: np.ndarray) -> str:
+    """The digest of the array's C-order bytes, the form the canonical MNIST digests use."""
+    return hashlib.sha256(np.ascontiguousarray(arr).tobytes()).hexdigest()
+
+
+def _read_npz(path: Path, keys: tuple[str, ...]) -> dict[str, np.ndarray]:
+    path = Path(path)
+    if not path.is_file():
+        raise ContractError(f"{path}: file not found")
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            missing = [key for key in keys if key not in npz.files]
+            if missing:
+                raise ContractError(
+                    f"{path}: missing array(s) {', '.join(missing)}; expected {', '.join(keys)}"
+                )
+            return {key: npz[key] for key in keys}
+    except ContractError:
+        raise
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as err:
+        raise ContractError(f"{path}: not a readable .npz file ({err})") from None
+
+
+def _check(path: Path, key: str, arr: np.ndarray, dtype: str, shape: tuple) -> None:
+    expected = "(" + ",".join("n" if dim is None else str(dim) for dim in shape) + ("," if len(shape) == 1 else "") + ")"
+    ok_shape = arr.ndim == len(shape) and all(e is None or e == a for e, a in zip(shape, arr.shape))
+    if arr.dtype != np.dtype(dtype) or not ok_shape:
+        raise ContractError(
+            f"{path}: array '{key}' must be {expected} {dtype}, got {arr.shape} {arr.dtype}"
+        )
+
+
+def _check_labels(path: Path, key: str, y: np.ndarray) -> None:
+    if y.size and (y.min() < 0 or y.max() >= NUM_CLASSES):
+        bad = y[(y < 0) | (y >= NUM_CLASSES)][0]
+        raise ContractError(f"{path}: array '{key}' holds label {bad}; labels must be 0..9")
+
+
+def _check_pairs(path: Path, arrays: dict[str, np.ndarray], splits: tuple[str, ...]) -> None:
+    for split in splits:
+        x, y = arrays[f"x_{split}"], arrays[f"y_{split}"]
+        if len(x) != len(y):
+            raise ContractError(
+                f"{path}: x_{split} has {len(x)} images but y_{split} has {len(y)} labels"
+            )
+        if len(x) == 0:
+            raise ContractError(f"{path}: x_{split} is empty")
+
+
+def check_raw(path: Path, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Raise ContractError unless `arrays` are in the layout of Keras' mnist.npz."""
+    for key in RAW_KEYS:
+        if key not in arrays:
+            raise ContractError(f"{path}: missing array '{key}'; expected {', '.join(RAW_KEYS)}")
+        if key.startswith("x_"):
+            _check(path, key, arrays[key], "uint8", (None, *IMAGE_SHAPE))
+        else:
+            _check(path, key, arrays[key], "uint8", (None,))
+            _check_labels(path, key, arrays[key])
+    _check_pairs(path, arrays, ("train", "test"))
+    return {key: arrays[key] for key in RAW_KEYS}
+
+
+def load_raw(path: Path) -> dict[str, np.ndarray]:
+    path = Path(path)
+    return check_raw(path, _read_npz(path, RAW_KEYS))
+
+
+def write_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    """Like np.savez, but byte-identical for identical arrays (np.savez stamps the current time).
+
+    Uncompressed like Keras' own file: the fastest to read, and DVC stores it once anyway.
+    """
+    with atomic_path(path) as tmp, zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED) as zf:
+        for key, arr in arrays.items():
+            info = zipfile.ZipInfo(f"{key}.npy", date_time=(1980, 1, 1, 0, 0, 0))
+            with zf.open(info, "w", force_zip64=True) as member:
+                np.lib.format.write_array(member, np.ascontiguousarray(arr), allow_pickle=False)
+
+
+def save_raw(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    check_raw(path, arrays)
+    write_npz(path, {key: arrays[key] for key in RAW_KEYS})
+
+
+def processed_keys() -> tuple[str, ...]:
+    return tuple(f"{axis}_{split}" for split in PROCESSED_SPLITS for axis in ("x", "y"))
+
+
+def check_processed(path: Path, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Raise ContractError unless `arrays` are normalized splits: float32 in [0, 1], labels 0..9."""
+    for key in processed_keys():
+        if key not in arrays:
+            raise ContractError(
+                f"{path}: missing array '{key}'; expected {', '.join(processed_keys())}"
+            )
+        arr = arrays[key]
+        if key.startswith("x_"):
+            _check(path, key, arr, "float32", (None, *IMAGE_SHAPE))
+            if arr.size and not (np.isfinite(arr).all() and arr.min() >= 0.0 and arr.max() <= 1.0):
+                raise ContractError(f"{path}: array '{key}' must hold pixels in [0, 1]")
+        else:
+            _check(path, key, arr, "uint8", (None,))
+            _check_labels(path, key, arr)
+    _check_pairs(path, arrays, PROCESSED_SPLITS)
+    return {key: arrays[key] for key in processed_keys()}
+
+
+def load_processed(path: Path) -> dict[str, np.ndarray]:
+    path = Path(path)
+    return check_processed(path, _read_npz(path, processed_keys()))
+
+
+def save_processed(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    check_processed(path, arrays)
+    write_npz(path, {key: arrays[key] for key in processed_keys()})
+
+
+def read_json(path: Path) -> Any:
+    path = Path(path)
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ContractError(f"{path}: file not found") from None
+    except (OSError, ValueError) as err:
+        raise ContractError(f"{path}: not a readable JSON file ({err})") from None

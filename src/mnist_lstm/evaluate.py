@@ -1,0 +1,220 @@
+"""Stage `evaluate`: score the trained model on validation and the holdout, and report it.
+
+Reads the processed `.npz`, the model file, the training history and the fetch provenance; writes
+the metrics JSON (a DVC metric), the per-class table and confusion matrix (CSV), the holdout
+predictions (CSV) and two PNGs. Prints the tutorial's ten holdout lines, `[prediction] label`.
+Logs everything into the MLflow run that trained this exact model file (see tracking.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only: no display on servers or CI
+
+import keras  # noqa: E402
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+
+from mnist_lstm import contracts, tracking  # noqa: E402
+from mnist_lstm.errors import exits_cleanly  # noqa: E402
+
+CLASSES = list(range(contracts.NUM_CLASSES))
+
+
+def load_model(path: Path) -> keras.Model:
+    """Keras' safe mode: a model file can never run code that arrives with it."""
+    path = Path(path)
+    if not path.is_file():
+        raise contracts.ContractError(f"{path}: file not found")
+    try:
+        model = keras.models.load_model(path, safe_mode=True)
+    except Exception as err:  # noqa: BLE001 - Keras raises many types for a damaged archive
+        raise contracts.ContractError(f"{path}: not a loadable Keras model ({err})") from None
+    if model.output_shape != (None, contracts.NUM_CLASSES):
+        raise contracts.ContractError(
+            f"{path}: model outputs {model.output_shape}, expected (None, {contracts.NUM_CLASSES})"
+        )
+    return model
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = logits - logits.max(axis=1, keepdims=True)
+    exp = np.exp(shifted)
+    return exp / exp.sum(axis=1, keepdims=True)
+
+
+def cross_entropy(logits: np.ndarray, y: np.ndarray) -> float:
+    """Mean sparse categorical cross-entropy from logits, as the training loss computes it."""
+    logits = logits.astype(np.float64)
+    shifted = logits - logits.max(axis=1, keepdims=True)
+    log_probs = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
+    return float(-log_probs[np.arange(len(y)), y].mean())
+
+
+def confusion_matrix(y_true: np.ndarray, y_pred: np.ndarray) -> pd.DataFrame:
+    """Rows are true digits, columns predicted digits; every digit appears even if unseen."""
+    table = pd.crosstab(
+        pd.Categorical(y_true, categories=CLASSES),
+        pd.Categorical(y_pred, categories=CLASSES),
+        dropna=False,
+    )
+    table.index.name, table.columns.name = "true", "predicted"
+    return table.astype(np.int64)
+
+
+def per_class_report(matrix: pd.DataFrame) -> pd.DataFrame:
+    """Precision, recall, F1 and support per digit; 0.0 where a ratio has no denominator."""
+    hits = pd.Series(np.diag(matrix.to_numpy()), index=matrix.index, dtype=float)
+    predicted = matrix.sum(axis=0).to_numpy(dtype=float)
+    actual = matrix.sum(axis=1).to_numpy(dtype=float)
+    precision = np.divide(hits, predicted, out=np.zeros_like(predicted), where=predicted > 0)
+    recall = np.divide(hits, actual, out=np.zeros_like(actual), where=actual > 0)
+    denominator = precision + recall
+    f1 = np.divide(
+        2 * precision * recall, denominator, out=np.zeros_like(denominator), where=denominator > 0
+    )
+    report = pd.DataFrame(
+        {"precision": precision, "recall": recall, "f1": f1, "support": actual.astype(np.int64)},
+        index=pd.Index(CLASSES, name="digit"),
+    )
+    return report
+
+
+def score(model: keras.Model, data: dict[str, np.ndarray]) -> dict:
+    """Everything evaluate reports, computed from one prediction per split."""
+    val_logits = model.predict(data["x_val"], batch_size=1024, verbose=0)
+    # The tutorial predicted one image per call; one batched call gives the same digits.
+    holdout_logits = model.predict(data["x_holdout"], verbose=0)
+    val_pred = val_logits.argmax(axis=1)
+    holdout_pred = holdout_logits.argmax(axis=1)
+    matrix = confusion_matrix(data["y_val"], val_pred)
+    report = per_class_report(matrix)
+    holdout = pd.DataFrame(
+        {
+            "index": np.arange(len(holdout_pred)),
+            "label": data["y_holdout"].astype(np.int64),
+            "prediction": holdout_pred.astype(np.int64),
+            "confidence": softmax(holdout_logits.astype(np.float64)).max(axis=1),
+        }
+    )
+    metrics = {
+        "val_accuracy": float((val_pred == data["y_val"]).mean()),
+        "val_loss": cross_entropy(val_logits, data["y_val"]),
+        "holdout_accuracy": float((holdout_pred == data["y_holdout"]).mean()),
+        "val_macro_f1": float(report["f1"].mean()),
+        "val_images": int(len(data["y_val"])),
+        "holdout_images": int(len(data["y_holdout"])),
+    }
+    return {"metrics": metrics, "matrix": matrix, "report": report, "holdout": holdout}
+
+
+def plot_confusion(matrix: pd.DataFrame, path: Path) -> None:
+    fig, ax = plt.subplots(figsize=(6, 5))
+    counts = matrix.to_numpy()
+    image = ax.imshow(counts, cmap="Blues")
+    for (row, col), count in np.ndenumerate(counts):
+        color = "white" if count > counts.max() / 2 else "black"
+        ax.text(col, row, str(count), ha="center", va="center", fontsize=7, color=color)
+    ax.set(xticks=CLASSES, yticks=CLASSES, xlabel="predicted", ylabel="true")
+    ax.set_title("Validation confusion matrix")
+    fig.colorbar(image, ax=ax)
+    _save_figure(fig, path)
+
+
+def plot_history(history: pd.DataFrame, path: Path) -> None:
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, metric in zip(axes, ("loss", "accuracy")):
+        ax.plot(history["epoch"], history[metric], marker="o", label=f"train {metric}")
+        ax.plot(history["epoch"], history[f"val_{metric}"], marker="o", label=f"validation {metric}")
+        ax.set(xlabel="epoch", ylabel=metric, title=metric)
+        ax.legend()
+    _save_figure(fig, path)
+
+
+def _save_figure(fig: plt.Figure, path: Path) -> None:
+    fig.tight_layout()
+    with contracts.atomic_path(path) as tmp:
+        # No software/version stamp in the file: identical results give identical bytes.
+        fig.savefig(tmp, format="png", dpi=100, metadata={"Software": None})
+    plt.close(fig)
+
+
+def write_csv(path: Path, table: pd.DataFrame, index: bool) -> None:
+    with contracts.atomic_path(path) as tmp:
+        table.to_csv(tmp, index=index, float_format="%.6f")
+
+
+def load_history(path: Path) -> pd.DataFrame:
+    path = Path(path)
+    try:
+        history = pd.read_csv(path)
+    except FileNotFoundError:
+        raise contracts.ContractError(f"{path}: file not found") from None
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
+        raise contracts.ContractError(f"{path}: not a readable CSV ({err})") from None
+    missing = [c for c in ("epoch", "loss", "accuracy", "val_loss", "val_accuracy") if c not in history]
+    if missing:
+        raise contracts.ContractError(f"{path}: missing column(s) {', '.join(missing)}")
+    return history
+
+
+@exits_cleanly
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", type=Path, required=True)
+    parser.add_argument("--model", type=Path, required=True)
+    parser.add_argument("--history", type=Path, required=True)
+    parser.add_argument("--provenance", type=Path, required=True)
+    parser.add_argument("--metrics", type=Path, required=True)
+    parser.add_argument("--per-class", type=Path, required=True)
+    parser.add_argument("--confusion", type=Path, required=True)
+    parser.add_argument("--holdout", type=Path, required=True)
+    parser.add_argument("--confusion-png", type=Path, required=True)
+    parser.add_argument("--curves-png", type=Path, required=True)
+    args = parser.parse_args(argv)
+
+    data = contracts.load_processed(args.data)
+    model = load_model(args.model)
+    history = load_history(args.history)
+    provenance = contracts.read_json(args.provenance)
+    model_sha = contracts.sha256_file(args.model)
+
+    result = score(model, data)
+    metrics = {key: round(value, 6) for key, value in result["metrics"].items()}
+    contracts.write_json(args.metrics, metrics)
+    write_csv(args.per_class, result["report"], index=True)
+    write_csv(args.confusion, result["matrix"], index=True)
+    write_csv(args.holdout, result["holdout"], index=False)
+    plot_confusion(result["matrix"], args.confusion_png)
+    plot_history(history, args.curves_png)
+
+    print("holdout ([prediction] label):")
+    for row in result["holdout"].itertuples():
+        print(f"[{row.prediction}] {row.label}")
+    print(", ".join(f"{key} {value}" for key, value in metrics.items()))
+
+    lineage = {
+        "data.fetch_source": str(provenance.get("source", "unknown")),
+        "data.raw_sha256": str(provenance.get("raw_sha256", "unknown")),
+        "data.processed_sha256": contracts.sha256_file(args.data),
+    }
+    reports = [args.metrics, args.per_class, args.confusion, args.holdout,
+               args.confusion_png, args.curves_png]
+    with tracking.evaluation_run(model_sha, fallback_name=f"evaluate-{model_sha[:12]}") as (
+        run_id,
+        is_training_run,
+    ):
+        tracking.log_evaluation(metrics, reports, lineage)
+    how = "the run that trained it" if is_training_run else "a new run (no run trained this file)"
+    print(f"evaluate: logged to {how}: {tracking.run_url(run_id)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
