@@ -8,7 +8,7 @@ UI_PORT ?= 5000
 # Stage commands in dvc.yaml run `python`: it must be the project's environment.
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
-.PHONY: install run test ui lock clean-venv
+.PHONY: install run test ui lineage lock clean-venv
 
 # Reinstalls only when the lock, the package metadata or the data pin changes; otherwise make
 # sees the stamp is newer and does nothing.
@@ -33,6 +33,11 @@ test: install
 ui: install
 	@echo "MLflow UI: http://127.0.0.1:$(UI_PORT)  (store: sqlite:///$(CURDIR)/mlflow.db; Ctrl-C stops it)"
 	mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --host 127.0.0.1 --port $(UI_PORT)
+
+# Where a model came from: REF is a run id, models:/NAME/VERSION or models:/NAME@ALIAS;
+# without REF, the run that trained the model dvc.lock records.
+lineage: install
+	python -m mnist_lstm.lineage $(REF)
 
 # After changing dependencies in pyproject.toml: reinstall them, then pin what resolved.
 lock: install

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import os
+import re
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -65,3 +69,57 @@ def write_params(tmp_path: Path):
         return path
 
     return write
+
+
+BIN = Path(sys.executable).parent
+# What a clone holds that the pipeline needs (outputs, caches and stores excluded).
+PROJECT_FILES = ["dvc.yaml", "params.yaml", "src", ".dvc/config", ".dvc/.gitignore", ".dvcignore",
+                 ".gitignore", "README.md"]
+
+
+def run(cmd: list[str], cwd: Path, env: dict[str, str], check: bool = True) -> subprocess.CompletedProcess:
+    result = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
+    if check and result.returncode != 0:
+        raise AssertionError(f"{cmd} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
+    return result
+
+
+def make_project(root: Path, **overrides) -> tuple[Path, dict[str, str]]:
+    """A committed git+DVC copy of the repo whose params point at tiny data, 1 epoch, 16 units.
+
+    Returns the copy and the environment to run `dvc` in: the project's venv first on PATH,
+    the copy's own code on PYTHONPATH, and no MLFLOW_*/DVC_* variables from the caller.
+    """
+    for name in PROJECT_FILES:
+        source, target = REPO / name, root / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if source.is_dir():
+            shutil.copytree(source, target, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+        else:
+            shutil.copy2(source, target)
+    fixture = root / "fixtures" / "tiny_mnist.npz"
+    fixture.parent.mkdir()
+    np.savez(fixture, **make_tiny_raw(n_train=200, n_test=40))
+    params = default_params()
+    params["fetch"].update(source="path", path="fixtures/tiny_mnist.npz")
+    params["train"].update(epochs=1, batch_size=32, units=16)
+    for dotted, value in overrides.items():
+        section, key = dotted.split("__")
+        params[section][key] = value
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_"))}
+    env.update(PATH=f"{BIN}{os.pathsep}{env['PATH']}", PYTHONPATH=str(root / "src"))
+    run(["git", "init", "-q"], root, env)
+    commit(root, env, "tiny project")
+    return root, env
+
+
+def commit(root: Path, env: dict[str, str], message: str) -> None:
+    run(["git", "add", "-A"], root, env)
+    run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", message], root, env)
+
+
+def stages_run(result: subprocess.CompletedProcess) -> list[str]:
+    """The stages a `dvc repro` actually executed, in order."""
+    return re.findall(r"^Running stage '([^']+)':", result.stdout, re.MULTILINE)

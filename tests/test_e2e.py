@@ -3,60 +3,21 @@
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import yaml
 
-from conftest import REPO
+from conftest import make_project, run, stages_run
 
 pytestmark = pytest.mark.e2e
 
-BIN = Path(sys.executable).parent
-COPIED = ["dvc.yaml", "params.yaml", "src", ".dvc/config", ".dvc/.gitignore", ".dvcignore", ".gitignore"]
-
-
-def run(cmd: list[str], cwd: Path, env: dict[str, str], check: bool = True) -> subprocess.CompletedProcess:
-    result = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
-    if check and result.returncode != 0:
-        raise AssertionError(f"{cmd} failed:\n{result.stdout}\n{result.stderr}")
-    return result
-
-
 @pytest.fixture(scope="module")
 def project(tmp_path_factory) -> tuple[Path, dict[str, str]]:
-    """A git+DVC copy of the repo whose params point at tiny data and train for 1 epoch."""
-    from conftest import make_tiny_raw
-
-    root = tmp_path_factory.mktemp("project")
-    for name in COPIED:
-        source, target = REPO / name, root / name
-        target.parent.mkdir(parents=True, exist_ok=True)
-        if source.is_dir():
-            shutil.copytree(source, target, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
-        else:
-            shutil.copy2(source, target)
-    fixture = root / "fixtures" / "tiny_mnist.npz"
-    fixture.parent.mkdir()
-    np.savez(fixture, **make_tiny_raw(n_train=200, n_test=40))
-    params = yaml.safe_load((root / "params.yaml").read_text())
-    params["fetch"].update(source="path", path="fixtures/tiny_mnist.npz")
-    params["train"].update(epochs=1, batch_size=32, units=16)
-    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_"))}
-    # The copy's own code runs, not the editable install's.
-    env.update(PATH=f"{BIN}{os.pathsep}{env['PATH']}", PYTHONPATH=str(root / "src"))
-    run(["git", "init", "-q"], root, env)
-    run(["git", "add", "-A"], root, env)
-    run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "tiny"], root, env)
-    return root, env
+    return make_project(tmp_path_factory.mktemp("project"))
 
 
 @pytest.fixture(scope="module")
@@ -118,9 +79,16 @@ def test_one_run_holds_params_epoch_metrics_tags_and_artifacts(project, first_re
     provenance = json.loads((root / "data" / "raw" / "provenance.json").read_text())
     assert tags["data.raw_sha256"] == provenance["raw_sha256"]
     assert tags["data.fetch_source"] == "path"
-    from mnist_lstm.contracts import sha256_file
-
-    assert tags["mnist_lstm.model_sha256"] == sha256_file(root / "models" / "model.keras")
+    # The run carries the very hashes dvc.lock records, so each finds the other.
+    lock = yaml.safe_load((root / "dvc.lock").read_text())["stages"]
+    for tag, stage, path in [("dvc.raw_md5", "fetch", "data/raw/mnist.npz"),
+                             ("dvc.processed_md5", "normalize", "data/processed/mnist.npz"),
+                             ("dvc.model_md5", "train", "models/model.keras")]:
+        locked = next(out["md5"] for out in lock[stage]["outs"] if out["path"] == path)
+        assert tags[tag] == locked, tag
+    assert run.info.run_name.startswith("lstm16-bn-sgd-lr0.01-bs32-e1@" + head.stdout.strip()[:7])
+    snapshot = json.loads(Path(client.download_artifacts(run.info.run_id, "params.json")).read_text())
+    assert snapshot["train.units"] == 16 and snapshot["fetch.source"] == "path"
 
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "reports")}
     assert {"reports/confusion_matrix.png", "reports/training_curves.png",
@@ -179,3 +147,57 @@ def test_bad_param_stops_dvc_repro_with_one_clear_line(project, first_repro):
     restored = run(["dvc", "repro"], root, env)
     assert "Running stage 'train'" not in restored.stdout
     assert "changed" not in run(["dvc", "status"], root, env).stdout
+
+
+def lineage(root: Path, env: dict[str, str], *args: str, check: bool = True):
+    return run(["python", "-m", "mnist_lstm.lineage", *args], root, env, check=check)
+
+
+def test_lineage_of_the_workspace_leads_back_to_commit_data_and_metrics(project, first_repro):
+    root, env = project
+    out = lineage(root, env).stdout
+    _, _, runs = mlflow_runs(root)
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True)
+    assert f"run        {runs[0].info.run_id}" in out
+    assert f"commit     {head.stdout.strip()}" in out
+    assert "params     as in params.yaml at HEAD" in out
+    lock = yaml.safe_load((root / "dvc.lock").read_text())["stages"]
+    model_md5 = next(o["md5"] for o in lock["train"]["outs"] if o["path"] == "models/model.keras")
+    assert f"models/model.keras: {model_md5}" in out
+    assert "eval/val_accuracy" in out
+    assert "reproduces yes" in out
+    # The same answer from the run id.
+    assert lineage(root, env, runs[0].info.run_id).stdout == out
+
+
+def test_lineage_says_when_the_workspace_no_longer_reproduces_the_run(project, first_repro):
+    root, env = project
+    params = root / "params.yaml"
+    original = params.read_text()
+    try:
+        params.write_text(original.replace("units: 16", "units: 8"))
+        out = lineage(root, env).stdout
+    finally:
+        params.write_text(original)
+    assert "reproduces no: `dvc status` reports changed stages" in out
+
+
+def test_lineage_of_an_unknown_run_is_one_clear_line(project, first_repro):
+    root, env = project
+    result = lineage(root, env, "0" * 32, check=False)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1].startswith(f"error: {'0' * 32}: not found in sqlite:///")
+
+
+def test_dvc_exp_run_tags_its_run_with_the_experiment_and_baseline(project, first_repro):
+    root, env = project
+    head = run(["git", "rev-parse", "HEAD"], root, env).stdout.strip()
+    result = run(["dvc", "exp", "run", "-n", "units-eight", "-S", "train.units=8"], root, env)
+    assert stages_run(result) == ["train", "evaluate"]
+    client, experiment, runs = mlflow_runs(root)
+    tagged = [r for r in runs if r.data.tags.get("dvc.dvc_exp_name") == "units-eight"]
+    assert len(tagged) == 1
+    assert tagged[0].data.tags["dvc.dvc_exp_baseline_rev"] == head
+    assert tagged[0].data.params["train.units"] == "8"
+    assert tagged[0].info.run_name.startswith("units-eight:lstm8-")
+    assert "eval/val_accuracy" in tagged[0].data.metrics

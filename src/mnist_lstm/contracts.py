@@ -36,18 +36,25 @@ class ContractError(UserError):
 
 
 @contextlib.contextmanager
-def atomic_path(path: Path, suffix: str = "") -> Iterator[Path]:
-    """Yield a temp path beside `path`; it replaces `path` only if the block succeeds."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix or path.suffix)
+def scratch_path(near: Path, suffix: str = "") -> Iterator[Path]:
+    """Yield a temp path beside `near` (same filesystem); it is removed afterwards, always."""
+    near = Path(near)
+    near.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=near.parent, prefix=f".{near.name}.", suffix=suffix or near.suffix)
     os.close(fd)
     try:
         yield Path(tmp)
-        os.replace(tmp, path)
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+
+
+@contextlib.contextmanager
+def atomic_path(path: Path) -> Iterator[Path]:
+    """Yield a temp path beside `path`; it replaces `path` only if the block succeeds."""
+    with scratch_path(path) as tmp:
+        yield tmp
+        os.replace(tmp, path)
 
 
 def write_json(path: Path, payload: Any) -> None:
@@ -55,12 +62,21 @@ def write_json(path: Path, payload: Any) -> None:
         tmp.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
 
 
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
+def _digest_file(path: Path, algorithm: str) -> str:
+    digest = hashlib.new(algorithm)
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def sha256_file(path: Path) -> str:
+    return _digest_file(path, "sha256")
+
+
+def md5_file(path: Path) -> str:
+    """The hash DVC 3 records for a file in dvc.lock (plain md5 of its bytes)."""
+    return _digest_file(path, "md5")
 
 
 def sha256_array(arr: np.ndarray) -> str:

@@ -183,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
     model = load_model(args.model)
     history = load_history(args.history)
     provenance = contracts.read_json(args.provenance)
-    model_sha = contracts.sha256_file(args.model)
+    model_md5 = contracts.md5_file(args.model)
 
     result = score(model, data)
     metrics = {key: round(value, 6) for key, value in result["metrics"].items()}
@@ -202,11 +202,12 @@ def main(argv: list[str] | None = None) -> int:
     lineage = {
         "data.fetch_source": str(provenance.get("source", "unknown")),
         "data.raw_sha256": str(provenance.get("raw_sha256", "unknown")),
-        "data.processed_sha256": contracts.sha256_file(args.data),
+        tracking.TAG_RAW_MD5: str(provenance.get("raw_md5", "unknown")),
+        tracking.TAG_PROCESSED_MD5: contracts.md5_file(args.data),
     }
     reports = [args.metrics, args.per_class, args.confusion, args.holdout,
                args.confusion_png, args.curves_png]
-    with tracking.evaluation_run(model_sha, fallback_name=f"evaluate-{model_sha[:12]}") as (
+    with tracking.evaluation_run(model_md5, fallback_name=f"evaluate-{model_md5[:12]}") as (
         run_id,
         is_training_run,
     ):

@@ -223,6 +223,7 @@ def fetch_mnist(params: FetchParams, wheel: Path | None = None, log=print) -> Fe
 def provenance(fetched: Fetched, requested: str, raw_path: Path) -> dict:
     return {
         "raw_sha256": contracts.sha256_file(raw_path),
+        "raw_md5": contracts.md5_file(raw_path),  # what dvc.lock records for it
         "source_requested": requested,
         "source": fetched.source,
         "origin": fetched.origin if fetched.source != "package" else f"{PACKAGE_WHEEL}!{PACKAGE_MEMBER}",

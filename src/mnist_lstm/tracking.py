@@ -1,9 +1,10 @@
 """The only module that imports mlflow: where runs live, how stages hand a run over, what it holds.
 
 One run covers one pipeline execution: `train` opens it, logs params, per-epoch metrics and the
-model, and tags it with the sha256 of the model file it wrote. `evaluate` hashes the model file it
-is given and logs into the run carrying that tag, so the hand-over holds even when DVC restores
-train's outputs from its cache instead of running it -- and no run id ever lands in a DVC output.
+model, and tags it with the md5 of the model file it wrote -- the hash dvc.lock records for it.
+`evaluate` hashes the model file it is given and logs into the newest run carrying that tag, so the
+hand-over holds even when DVC restores train's outputs from its cache instead of running it, no run
+id ever lands in a DVC output, and the hash in dvc.lock finds the run(s) that made those bytes.
 """
 
 from __future__ import annotations
@@ -30,7 +31,10 @@ from mnist_lstm.errors import UserError  # noqa: E402
 
 EXPERIMENT = "mnist-lstm"
 MODEL_NAME = "model"
-TAG_MODEL_SHA = "mnist_lstm.model_sha256"
+# Lineage tags: the md5 hashes dvc.lock records for each stage's data output.
+TAG_RAW_MD5 = "dvc.raw_md5"
+TAG_PROCESSED_MD5 = "dvc.processed_md5"
+TAG_MODEL_MD5 = "dvc.model_md5"
 EVAL_PREFIX = "eval/"
 _EXPS_TEMP = os.sep + os.path.join(".dvc", "tmp", "exps") + os.sep
 
@@ -148,59 +152,80 @@ def log_model(model: keras.Model, input_example: np.ndarray) -> str:
 
 
 def log_training(
-    model: keras.Model, input_example: np.ndarray, model_sha256: str, train_seconds: float, epochs: int
+    model: keras.Model,
+    input_example: np.ndarray,
+    lineage: dict[str, str],
+    train_seconds: float,
+    epochs: int,
 ) -> None:
-    """After fitting: timing, the model itself, and the tag that lets `evaluate` find this run."""
+    """After fitting: timing, the model itself, and the tags that let `evaluate` find this run."""
     mlflow.log_metrics(
         {"train_seconds": train_seconds, "seconds_per_epoch": train_seconds / max(epochs, 1)}
     )
     log_model(model, input_example)
-    # Tagged last: a run carries the tag only once everything evaluate relies on is logged.
-    mlflow.set_tag(TAG_MODEL_SHA, model_sha256)
+    # Tagged last: a run carries the model hash only once everything evaluate relies on is logged.
+    mlflow.set_tags(lineage)
 
 
 @contextlib.contextmanager
-def training_run(run_name: str, params: dict[str, Any], tags: dict[str, str]) -> Iterator[str]:
-    """Open the pipeline's run, log params and lineage tags; yield the run id."""
+def _run(**start_kwargs: Any) -> Iterator[mlflow.ActiveRun]:
+    """An active run that ends FINISHED, FAILED on an error, or KILLED on SIGINT/SIGTERM."""
+    run = mlflow.start_run(**start_kwargs)
+    try:
+        yield run
+    except KeyboardInterrupt:
+        mlflow.end_run("KILLED")
+        raise
+    except BaseException:
+        mlflow.end_run("FAILED")
+        raise
+    mlflow.end_run("FINISHED")
+
+
+@contextlib.contextmanager
+def training_run(run_name: str, params: dict[str, Any]) -> Iterator[str]:
+    """Open the pipeline's run, log params, the params snapshot and git lineage; yield its id."""
     connect()
-    root = project_root()
-    with mlflow.start_run(run_name=run_name) as run:
+    tags = {**git_tags(project_root()), **dvc_experiment_tags()}
+    # The short commit tells apart runs of the same configuration made from different code.
+    name = f"{run_name}@{tags['git.commit'][:7]}{'+dirty' if tags['git.dirty'] == 'true' else ''}"
+    with _run(run_name=name) as run:
         mlflow.log_params(params)
-        mlflow.set_tags({**git_tags(root), **dvc_experiment_tags(), **tags})
+        mlflow.set_tags(tags)
         mlflow.log_dict(params, "params.json")
         yield run.info.run_id
 
 
-def find_run_by_model(model_sha256: str) -> str | None:
-    """The newest run whose train stage wrote a model file with this sha256, if any."""
+def find_runs_by_model(model_md5: str, max_results: int = 1) -> list[str]:
+    """The runs (newest first) whose train stage wrote a model file with this md5."""
     experiment = mlflow.get_experiment_by_name(EXPERIMENT)
     if experiment is None:
-        return None
+        return []
     runs = mlflow.search_runs(
         experiment_ids=[experiment.experiment_id],
-        filter_string=f"tags.`{TAG_MODEL_SHA}` = '{model_sha256}'",
+        filter_string=f"tags.`{TAG_MODEL_MD5}` = '{model_md5}'",
         order_by=["attributes.start_time DESC"],
-        max_results=1,
+        max_results=max_results,
         output_format="list",
     )
-    return runs[0].info.run_id if runs else None
+    return [run.info.run_id for run in runs]
 
 
 @contextlib.contextmanager
-def evaluation_run(model_sha256: str, fallback_name: str) -> Iterator[tuple[str, bool]]:
-    """Reopen the run that trained this model file; a new run if none has (e.g. a new store).
+def evaluation_run(model_md5: str, fallback_name: str) -> Iterator[tuple[str, bool]]:
+    """Reopen the newest run that trained this model file; a new run if none has (a new store).
 
     Yields (run id, whether it is the training run).
     """
     connect()
-    run_id = find_run_by_model(model_sha256)
-    if run_id is not None:
-        with mlflow.start_run(run_id=run_id):
-            yield run_id, True
+    found = find_runs_by_model(model_md5)
+    if found:
+        with _run(run_id=found[0]):
+            yield found[0], True
         return
-    with mlflow.start_run(run_name=fallback_name) as run:
+    with _run(run_name=fallback_name) as run:
         mlflow.set_tags(
-            {**git_tags(project_root()), **dvc_experiment_tags(), TAG_MODEL_SHA: model_sha256}
+            {**git_tags(project_root()), **dvc_experiment_tags(), TAG_MODEL_MD5: model_md5}
         )
         yield run.info.run_id, False
 
@@ -225,3 +250,38 @@ def run_url(run_id: str) -> str:
     uri = tracking_uri()
     base = uri if uri.startswith("http") else "http://127.0.0.1:5000"
     return f"{base.rstrip('/')}/#/experiments/{experiment.experiment_id}/runs/{run_id}"
+
+
+def resolve_run(ref: str) -> str:
+    """A run id from a run id, `models:/<name>/<version>` or `models:/<name>@<alias>`."""
+    connect()
+    client = mlflow.MlflowClient()
+    try:
+        if ref.startswith("models:/"):
+            name, _, rest = ref[len("models:/") :].partition("/")
+            if "@" in name and not rest:
+                name, alias = name.split("@", 1)
+                version = client.get_model_version_by_alias(name, alias)
+            else:
+                version = client.get_model_version(name, rest)
+            if not version.run_id:
+                raise TrackingError(f"{ref}: the model version has no source run")
+            return version.run_id
+        return client.get_run(ref).info.run_id
+    except MlflowException as err:
+        first_line = str(err).strip().splitlines()[0]
+        raise TrackingError(f"{ref}: not found in {tracking_uri()} ({first_line})") from None
+
+
+def describe_run(run_id: str) -> dict[str, Any]:
+    """What lineage prints: identity, params, metrics and tags of one run."""
+    run = mlflow.MlflowClient().get_run(run_id)
+    return {
+        "run_id": run.info.run_id,
+        "name": run.info.run_name,
+        "status": run.info.status,
+        "start_time_ms": run.info.start_time,
+        "params": dict(run.data.params),
+        "metrics": dict(run.data.metrics),
+        "tags": dict(run.data.tags),
+    }

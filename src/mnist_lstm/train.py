@@ -6,19 +6,23 @@ writes the Keras model file and a per-epoch history CSV. dvc.yaml: `python -m mn
 --history models/history.csv`.
 
 Opens the pipeline's MLflow run before training (so a bad store fails in seconds, not after ten
-epochs) and tags it with the model file's sha256, which `evaluate` uses to find it again.
+epochs) and tags it with the model file's md5 -- the hash dvc.lock records -- which `evaluate`
+uses to find it again.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
+import zipfile
 from pathlib import Path
 
 import keras
 import numpy as np
 import pandas as pd
+import tensorflow as tf
 
 from mnist_lstm import contracts, tracking
 from mnist_lstm.errors import exits_cleanly
@@ -29,8 +33,13 @@ HISTORY_COLUMNS = ("epoch", "loss", "accuracy", "val_loss", "val_accuracy")
 
 
 def set_seed(seed: int) -> None:
-    """The one place randomness is seeded: Python, NumPy and the backend."""
+    """The one place randomness is seeded: Python, NumPy and the backend.
+
+    Op determinism makes TensorFlow pick deterministic kernels (or refuse ops that have none), so
+    the same seed, data and params give the same weights, not merely the same accuracy.
+    """
     keras.utils.set_random_seed(seed)
+    tf.config.experimental.enable_op_determinism()
 
 
 def run_name(params: TrainParams) -> str:
@@ -70,11 +79,47 @@ def save_history(path: Path, history: pd.DataFrame) -> None:
         history.to_csv(tmp, index=False, float_format="%.6f")
 
 
+# A `.keras` file is a zip. Keras stamps the save time into `metadata.json` and into the zip entry
+# of the weights, and numbers shared objects in `config.json` by their Python id() (a memory
+# address). Pinning all three makes identical training give an identical file (and DVC hash).
+_FIXED_ZIP_TIME = (1980, 1, 1, 0, 0, 0)
+_FIXED_SAVE_DATE = "1980-01-01@00:00:00"
+
+
+def _renumber_shared_objects(config: object, ids: dict[int, int]) -> object:
+    """Replace id()-based `shared_object_id`s by 1, 2, ... in order of first appearance."""
+    if isinstance(config, dict):
+        return {
+            key: ids.setdefault(value, len(ids) + 1)
+            if key == "shared_object_id"
+            else _renumber_shared_objects(value, ids)
+            for key, value in config.items()
+        }
+    if isinstance(config, list):
+        return [_renumber_shared_objects(item, ids) for item in config]
+    return config
+
+
+def stabilize_keras_archive(src: Path, dst: Path) -> None:
+    """Copy a `.keras` archive with its run-varying bytes (save time, zip times) pinned."""
+    with zipfile.ZipFile(src) as zin, zipfile.ZipFile(dst, "w", zipfile.ZIP_STORED) as zout:
+        for info in zin.infolist():
+            payload = zin.read(info.filename)
+            if info.filename == "metadata.json":
+                metadata = json.loads(payload)
+                metadata["date_saved"] = _FIXED_SAVE_DATE
+                payload = json.dumps(metadata).encode()
+            elif info.filename == "config.json":
+                payload = json.dumps(_renumber_shared_objects(json.loads(payload), {})).encode()
+            zout.writestr(zipfile.ZipInfo(info.filename, date_time=_FIXED_ZIP_TIME), payload)
+
+
 def save_model(path: Path, model: keras.Model) -> str:
-    """Write the model atomically; its sha256, which ties the file to its MLflow run."""
-    with contracts.atomic_path(path) as tmp:
-        model.save(tmp)
-    return contracts.sha256_file(path)
+    """Write the model atomically and byte-reproducibly; its md5, as dvc.lock will record it."""
+    with contracts.scratch_path(path) as raw, contracts.atomic_path(path) as final:
+        model.save(raw)
+        stabilize_keras_archive(raw, final)
+    return contracts.md5_file(path)
 
 
 @exits_cleanly
@@ -95,17 +140,24 @@ def main(argv: list[str] | None = None) -> int:
     model.summary()
 
     with tracking.training_run(
-        run_name(params), flatten(fetch_params, normalize_params, params), tags={}
+        run_name(params), flatten(fetch_params, normalize_params, params)
     ) as run_id:
         started = time.perf_counter()
         # One line per epoch when DVC captures the output; the live bar on a terminal.
         verbose = "auto" if sys.stdout.isatty() else 2
         history = fit(model, data, params, [tracking.EpochMetrics()], verbose=verbose)
         seconds = time.perf_counter() - started
-        model_sha = save_model(args.model, model)
+        model_md5 = save_model(args.model, model)
         save_history(args.history, history)
         tracking.log_training(
-            model, data["x_val"][:2], model_sha, train_seconds=seconds, epochs=len(history)
+            model,
+            data["x_val"][:2],
+            lineage={
+                tracking.TAG_PROCESSED_MD5: contracts.md5_file(args.data),
+                tracking.TAG_MODEL_MD5: model_md5,
+            },
+            train_seconds=seconds,
+            epochs=len(history),
         )
     print(
         f"train: {len(history)} epochs in {seconds:.1f}s ({seconds / len(history):.2f}s/epoch), "

@@ -1,0 +1,85 @@
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import keras
+import numpy as np
+import pytest
+
+from mnist_lstm import contracts, tracking
+from mnist_lstm.normalize import split
+from mnist_lstm.train import _renumber_shared_objects, save_model
+
+
+def test_shared_object_ids_are_renumbered_consistently():
+    config = {"a": {"shared_object_id": 140275352338256}, "b": [{"shared_object_id": 99},
+              {"shared_object_id": 140275352338256}]}
+    assert _renumber_shared_objects(config, {}) == {
+        "a": {"shared_object_id": 1}, "b": [{"shared_object_id": 2}, {"shared_object_id": 1}]
+    }
+
+
+def test_saved_model_has_no_save_time_and_reloads_predicting_identically(tmp_path):
+    model = keras.Sequential([keras.Input((28, 28)), keras.layers.LSTM(4), keras.layers.Dense(10)])
+    path = tmp_path / "model.keras"
+    md5 = save_model(path, model)
+    assert md5 == contracts.md5_file(path)
+    with zipfile.ZipFile(path) as zf:
+        assert json.loads(zf.read("metadata.json"))["date_saved"] == "1980-01-01@00:00:00"
+        assert {info.date_time for info in zf.infolist()} == {(1980, 1, 1, 0, 0, 0)}
+    x = np.random.default_rng(0).random((5, 28, 28), dtype=np.float32)
+    reloaded = keras.models.load_model(path, safe_mode=True)
+    np.testing.assert_array_equal(reloaded.predict(x, verbose=0), model.predict(x, verbose=0))
+    assert [p.name for p in tmp_path.iterdir()] == ["model.keras"]  # no temp files left
+
+
+@pytest.fixture
+def store(tmp_path, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+@pytest.mark.parametrize(("raised", "status"), [(ValueError, "FAILED"), (KeyboardInterrupt, "KILLED")])
+def test_a_run_that_fails_or_is_interrupted_never_stays_running(store, raised, status):
+    import mlflow
+
+    with pytest.raises(raised):
+        with tracking.training_run("unit", {"train.units": 1}) as run_id:
+            raise raised("boom")
+    assert mlflow.MlflowClient().get_run(run_id).info.status == status
+
+
+def test_sigterm_during_training_stops_it_marks_the_run_killed_and_writes_nothing(
+    tiny_raw, tmp_path, write_params
+):
+    import mlflow
+
+    data = tmp_path / "processed.npz"
+    contracts.save_processed(data, split(tiny_raw, 10))
+    env = dict(os.environ, MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path / 'mlflow.db'}",
+               PYTHONUNBUFFERED="1")
+    model, history = tmp_path / "models" / "model.keras", tmp_path / "models" / "history.csv"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mnist_lstm.train", "--params", str(write_params({"train.epochs": 10000})),
+         "--data", str(data), "--model", str(model), "--history", str(history)],
+        cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    for line in proc.stdout:  # wait until training is under way
+        if line.startswith("Epoch 3/"):
+            break
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130
+    assert "error: interrupted (SIGTERM)" in err and "Traceback" not in err
+    assert not model.exists() and not history.exists()
+    assert not [p for p in tmp_path.rglob(".*") if p.is_file()]  # no temp files either
+    client = mlflow.MlflowClient(env["MLFLOW_TRACKING_URI"])
+    (run,) = client.search_runs([client.get_experiment_by_name("mnist-lstm").experiment_id])
+    assert run.info.status == "KILLED"
