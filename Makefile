@@ -8,7 +8,7 @@ UI_PORT ?= 5000
 # Stage commands in dvc.yaml run `python`: it must be the project's environment.
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
-.PHONY: install run test ui lineage lock clean-venv
+.PHONY: install run test gate promote ui lineage lock clean-venv
 
 # Reinstalls only when the lock, the package metadata or the data pin changes; otherwise make
 # sees the stamp is newer and does nothing.
@@ -29,6 +29,16 @@ run: install
 
 test: install
 	$(BIN)/python -m pytest
+
+# Fails (status 1) when the workspace metrics regress past the rules in params.yaml `gate`,
+# against the metrics committed at BASELINE (default: main when HEAD is elsewhere, else HEAD).
+gate: install
+	python -m mnist_lstm.gate $(if $(BASELINE),--baseline $(BASELINE))
+
+# Registers the workspace model as the new @champion of mnist-lstm, only if it passes the gate
+# against the current champion.
+promote: install
+	python -m mnist_lstm.promote
 
 ui: install
 	@echo "MLflow UI: http://127.0.0.1:$(UI_PORT)  (store: sqlite:///$(CURDIR)/mlflow.db; Ctrl-C stops it)"

@@ -100,7 +100,7 @@ def test_missing_section(tmp_path):
     ("text", "expected"),
     [
         ("train: [units: 64\n", "not valid YAML at line"),
-        ("- 1\n- 2\n", "must be a mapping with sections fetch, normalize, train, got [1, 2]"),
+        ("- 1\n- 2\n", "must be a mapping with sections fetch, normalize, train, gate, got [1, 2]"),
         ("", "must be a mapping with sections"),
         ("train: 5\n", "section 'train' must be a mapping of keys, got 5"),
     ],

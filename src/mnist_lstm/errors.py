@@ -14,13 +14,15 @@ EXIT_INTERRUPTED = 130  # the shell's code for a SIGINT death
 class UserError(Exception):
     """A mistake the user can fix (bad params, bad data, unreachable store); the message says how."""
 
+    exit_code = EXIT_USER_ERROR
+
 
 def _interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt(signal.Signals(signum).name)
 
 
 def exits_cleanly(main: Callable[..., int | None]) -> Callable[..., int]:
-    """Wrap a stage's main(): a UserError becomes `error: <message>` and exit status 1.
+    """Wrap a stage's main(): a UserError becomes `error: <message>` and its exit status (1).
 
     SIGTERM (what DVC, CI runners and `kill` send) is handled like Ctrl-C: it unwinds the stage
     through its `with` blocks, so temp files are removed and the MLflow run ends KILLED.
@@ -33,7 +35,7 @@ def exits_cleanly(main: Callable[..., int | None]) -> Callable[..., int]:
             return main(*args, **kwargs) or 0
         except UserError as err:
             print(f"error: {err}", file=sys.stderr)
-            return EXIT_USER_ERROR
+            return err.exit_code
         except KeyboardInterrupt as err:
             print(f"error: interrupted ({err or 'SIGINT'}); nothing was written", file=sys.stderr)
             return EXIT_INTERRUPTED

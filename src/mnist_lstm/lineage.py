@@ -103,6 +103,21 @@ def _read_lock(root: Path) -> dict[str, Any]:
     return yaml.safe_load(path.read_text()) or {}
 
 
+def workspace_run_id(root: Path) -> str:
+    """The newest run that trained the model file dvc.lock records for this workspace."""
+    model_md5 = locked_hashes(_read_lock(root)).get(tracking.TAG_MODEL_MD5)
+    if model_md5 is None:
+        raise UserError(f"{root / 'dvc.lock'}: records no trained model yet; run `dvc repro` first")
+    tracking.connect()
+    found = tracking.find_runs_by_model(model_md5)
+    if not found:
+        raise UserError(
+            f"no run in {tracking.tracking_uri()} trained the model dvc.lock records "
+            f"(md5 {model_md5}); the store may be another clone's"
+        )
+    return found[0]
+
+
 def report(run: dict[str, Any], defaults: dict[str, str], workspace_hashes: dict[str, str], dvc_clean: bool | None) -> list[str]:
     tags = run["tags"]
     started = datetime.datetime.fromtimestamp(run["start_time_ms"] / 1000, tz=datetime.timezone.utc)
@@ -135,20 +150,7 @@ def main(argv: list[str] | None = None) -> int:
 
     root = tracking.project_root()
     workspace_hashes = locked_hashes(_read_lock(root))
-    if args.ref:
-        run_id = tracking.resolve_run(args.ref)
-    else:
-        model_md5 = workspace_hashes.get(tracking.TAG_MODEL_MD5)
-        if model_md5 is None:
-            raise UserError(f"{root / 'dvc.lock'}: records no trained model yet; run `dvc repro` first")
-        tracking.connect()
-        found = tracking.find_runs_by_model(model_md5)
-        if not found:
-            raise UserError(
-                f"no run in {tracking.tracking_uri()} trained the model dvc.lock records "
-                f"(md5 {model_md5}); the store may be another clone's"
-            )
-        run_id = found[0]
+    run_id = tracking.resolve_run(args.ref) if args.ref else workspace_run_id(root)
     committed = _git(root, "show", "HEAD:params.yaml")
     defaults_doc = yaml.safe_load(committed) if committed else yaml.safe_load((root / "params.yaml").read_text())
     lines = report(tracking.describe_run(run_id), flat_params(defaults_doc), workspace_hashes, _dvc_status_clean(root))

@@ -10,7 +10,9 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+from collections.abc import Mapping
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 import yaml
@@ -70,10 +72,40 @@ class TrainParams:
     seed: int = dataclasses.field(metadata=_spec("int", "0..2**32-1", lambda v: 0 <= v < 2**32))
 
 
+DIRECTIONS = ("higher", "lower")
+
+
+@dataclasses.dataclass(frozen=True)
+class GateRule:
+    """How one metric may change: `better` says which way is good."""
+
+    better: str = dataclasses.field(
+        metadata=_spec("choice", "one of " + ", ".join(DIRECTIONS), lambda v: v in DIRECTIONS)
+    )
+    # The absolute bound: a floor when higher is better, a ceiling when lower is better.
+    limit: float | None = dataclasses.field(metadata=_spec("optional_number"))
+    # How far the metric may move the bad way from the baseline.
+    max_regression: float | None = dataclasses.field(
+        metadata=_spec("optional_number", ">= 0", lambda v: v is None or v >= 0)
+    )
+
+    def __post_init__(self) -> None:
+        if self.limit is None and self.max_regression is None:
+            raise ParamsError("needs a limit, a max_regression or both (both are null)")
+
+
+@dataclasses.dataclass(frozen=True)
+class GateParams:
+    """Regression rules per metric of reports/metrics.json, e.g. `rules["val_accuracy"]`."""
+
+    rules: Mapping[str, GateRule]
+
+
 SECTIONS: dict[str, type] = {
     "fetch": FetchParams,
     "normalize": NormalizeParams,
     "train": TrainParams,
+    "gate": GateParams,
 }
 
 
@@ -102,6 +134,12 @@ def _coerce(where: str, value: Any, spec: dict[str, Any]) -> Any:
         ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
         expected = "a finite number"
         value = float(value) if ok else value
+    elif kind == "optional_number":
+        if value is None:
+            return None if spec["check"](None) else value
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        expected = "a finite number or null"
+        value = float(value) if ok else value
     elif kind == "bool":
         ok = isinstance(value, bool)
         expected = "true or false"
@@ -116,9 +154,28 @@ def _coerce(where: str, value: Any, spec: dict[str, Any]) -> Any:
 
 def parse_section(name: str, raw: Any, source: str = "params.yaml") -> Any:
     """Validate one section's mapping into its dataclass."""
-    cls = SECTIONS[name]
     if not isinstance(raw, dict):
         raise ParamsError(f"{source}: section '{name}' must be a mapping of keys, got {_describe(raw)}")
+    if name == "gate":
+        return _parse_gate(raw, source)
+    return _parse_fields(SECTIONS[name], name, raw, source)
+
+
+def _parse_gate(raw: dict[str, Any], source: str) -> GateParams:
+    if not raw:
+        raise ParamsError(f"{source}: section 'gate' must name at least one metric")
+    rules = {}
+    for metric, rule in raw.items():
+        if not isinstance(rule, dict):
+            raise ParamsError(
+                f"{source}: gate.{metric} must be a mapping with better, limit, max_regression, "
+                f"got {_describe(rule)}"
+            )
+        rules[str(metric)] = _parse_fields(GateRule, f"gate.{metric}", rule, source)
+    return GateParams(rules=MappingProxyType(rules))
+
+
+def _parse_fields(cls: type, name: str, raw: dict[str, Any], source: str) -> Any:
     fields = {f.name: f for f in dataclasses.fields(cls)}
     for key in raw:
         if key not in fields:
@@ -135,7 +192,8 @@ def parse_section(name: str, raw: Any, source: str = "params.yaml") -> Any:
     try:
         return cls(**values)
     except ParamsError as err:
-        raise ParamsError(f"{source}: {err}") from None
+        where = f"{name} " if cls is GateRule else ""
+        raise ParamsError(f"{source}: {where}{err}") from None
 
 
 def read_yaml(path: Path) -> dict[str, Any]:
