@@ -8,7 +8,7 @@ UI_PORT ?= 5000
 # Stage commands in dvc.yaml run `python`: it must be the project's environment.
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
-.PHONY: install run test gate promote ui lineage lock clean-venv
+.PHONY: install run test gate promote sweep tuned ui lineage lock clean-venv
 
 # Reinstalls only when the lock, the package metadata or the data pin changes; otherwise make
 # sees the stamp is newer and does nothing.
@@ -39,6 +39,21 @@ gate: install
 # against the current champion.
 promote: install
 	python -m mnist_lstm.promote
+
+# A documented 2x2 grid, queued and run by 2 parallel DVC workers; every experiment logs into
+# this repo's MLflow store. Compare with `dvc exp show` or in `make ui`.
+SWEEP_UNITS ?= 64,128
+SWEEP_LR ?= 0.01,0.001
+sweep: install
+	dvc exp run --queue -S 'train.units=$(SWEEP_UNITS)' -S 'train.learning_rate=$(SWEEP_LR)'
+	dvc queue start -j 2
+	@while dvc queue status | grep -qE 'Queued|Running'; do sleep 10; done
+	dvc queue status
+	dvc exp show --only-changed --drop 'Created|State|Executor' --md
+
+# The tuned preset (params.tuned.yaml) as a DVC experiment: applies its values over params.yaml.
+tuned: install
+	dvc exp run -n tuned $$(python -m mnist_lstm.preset params.tuned.yaml)
 
 ui: install
 	@echo "MLflow UI: http://127.0.0.1:$(UI_PORT)  (store: sqlite:///$(CURDIR)/mlflow.db; Ctrl-C stops it)"

@@ -201,3 +201,16 @@ def test_dvc_exp_run_tags_its_run_with_the_experiment_and_baseline(project, firs
     assert tagged[0].data.params["train.units"] == "8"
     assert tagged[0].info.run_name.startswith("units-eight:lstm8-")
     assert "eval/val_accuracy" in tagged[0].data.metrics
+
+
+def test_dvc_plots_show_renders_curves_and_confusion_matrix(project, first_repro):
+    root, env = project
+    out = root / "plots_html"
+    run(["dvc", "plots", "show", "-o", str(out)], root, env)
+    html = (out / "index.html").read_text()
+    for title in ("Loss per epoch", "Accuracy per epoch", "Validation confusion matrix"):
+        assert title in html
+    assert "confusion_matrix.png" in html and "training_curves.png" in html
+    assert "true digit" in html and "predicted digit" in html
+    diff = run(["dvc", "plots", "diff", "HEAD", "-o", str(root / "plots_diff")], root, env)
+    assert (root / "plots_diff" / "index.html").exists(), diff.stdout

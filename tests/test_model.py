@@ -3,12 +3,14 @@ from __future__ import annotations
 import dataclasses
 
 import numpy as np
+import pytest
 
 from mnist_lstm.model import build_model
 from mnist_lstm.params import TrainParams
 
 TUTORIAL = TrainParams(
-    units=64, batch_norm=True, optimizer="sgd", learning_rate=0.01, batch_size=64, epochs=10, seed=0
+    units=64, batch_norm=True, optimizer="sgd", learning_rate=0.01, batch_size=64, epochs=10, seed=0,
+    bidirectional=False, layers=1, dropout=0.0, schedule="constant", augment_shift=0, tuning_split=0,
 )
 
 
@@ -30,3 +32,33 @@ def test_params_choose_the_architecture_and_optimizer():
     assert model.get_layer("lstm").count_params() == 4 * (8 * (28 + 8) + 8)
     assert model.optimizer.__class__.__name__ == "Adam"
     assert model.predict(np.zeros((3, 28, 28), np.float32), verbose=0).shape == (3, 10)
+
+
+def test_defaults_of_the_new_params_leave_the_tutorial_model_untouched():
+    model = build_model(TUTORIAL)
+    assert [layer.name for layer in model.layers] == ["lstm", "batch_norm", "logits"]
+
+
+def test_bidirectional_stacked_dropout_and_augmented_model():
+    params = dataclasses.replace(
+        TUTORIAL, units=8, bidirectional=True, layers=2, dropout=0.2, augment_shift=2
+    )
+    model = build_model(params)
+    names = [layer.__class__.__name__ for layer in model.layers]
+    assert names == ["Reshape", "RandomTranslation", "Reshape", "Bidirectional", "Dropout",
+                     "Bidirectional", "BatchNormalization", "Dropout", "Dense"]
+    first, second = model.get_layer("bilstm"), model.get_layer("bilstm_1")
+    assert first.output.shape == (None, 28, 16)  # both directions, every row: feeds the next LSTM
+    assert second.output.shape == (None, 16)
+    x = np.random.default_rng(0).random((4, 28, 28), dtype=np.float32)
+    # Shifts and dropout act in training only: inference is deterministic.
+    np.testing.assert_array_equal(model.predict(x, verbose=0), model.predict(x, verbose=0))
+
+
+def test_cosine_schedule_decays_to_zero_over_all_steps():
+    params = dataclasses.replace(TUTORIAL, optimizer="adam", learning_rate=0.002, schedule="cosine", epochs=4)
+    model = build_model(params, n_train=640)  # 10 steps per epoch at batch 64
+    schedule = model.optimizer.learning_rate if callable(model.optimizer.learning_rate) else model.optimizer._learning_rate
+    assert float(schedule(0)) == pytest.approx(0.002)
+    assert float(schedule(20)) == pytest.approx(0.001, rel=1e-3)
+    assert float(schedule(40)) == pytest.approx(0.0, abs=1e-9)

@@ -64,6 +64,12 @@ def test_flatten_names_keys_as_in_params_yaml():
         ({"fetch.source": "path"}, "fetch.path must name a local .npz when fetch.source is 'path'"),
         ({"fetch.url": "ftp://x"}, "fetch.url must be an http(s) URL, got 'ftp://x'"),
         ({"fetch.timeout_s": 0}, "fetch.timeout_s must be a finite number > 0, got 0"),
+        ({"train.dropout": 1.0}, "train.dropout must be a finite number in [0, 1), got 1.0"),
+        ({"train.layers": 0}, "train.layers must be an integer 1..4, got 0"),
+        ({"train.schedule": "linear"}, "train.schedule must be one of constant, cosine, got 'linear'"),
+        ({"train.augment_shift": 9}, "train.augment_shift must be an integer 0..8, got 9"),
+        ({"train.tuning_split": -5}, "train.tuning_split must be an integer >= 0, got -5"),
+        ({"train.bidirectional": 1}, "train.bidirectional must be true or false, got 1"),
     ],
 )
 def test_bad_values_name_file_key_value_and_rule(write_params, overrides, expected):

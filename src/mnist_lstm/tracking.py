@@ -13,6 +13,7 @@ import contextlib
 import importlib.metadata
 import os
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -64,19 +65,28 @@ def _artifact_location(uri: str) -> str | None:
     return None
 
 
-def connect() -> str:
-    """Point mlflow at the store and make sure the experiment exists; fail fast if it cannot."""
+def connect(attempts: int = 5) -> str:
+    """Point mlflow at the store and make sure the experiment exists; fail fast if it cannot.
+
+    Parallel `dvc exp` workers may race to create the sqlite schema or the experiment on a new
+    store; such a collision is retried a few times instead of failing a run.
+    """
     uri = tracking_uri()
     mlflow.set_tracking_uri(uri)
-    try:
-        if mlflow.get_experiment_by_name(EXPERIMENT) is None:
-            with contextlib.suppress(MlflowException):  # another writer created it meanwhile
-                mlflow.create_experiment(EXPERIMENT, artifact_location=_artifact_location(uri))
-        experiment_id = mlflow.set_experiment(EXPERIMENT).experiment_id
-    except Exception as err:  # noqa: BLE001 - any failure here means the store is unusable
-        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise TrackingError(f"MLflow tracking URI {uri}: cannot be used ({first_line})") from None
-    return experiment_id
+    for attempt in range(attempts):
+        try:
+            if mlflow.get_experiment_by_name(EXPERIMENT) is None:
+                with contextlib.suppress(MlflowException):  # another writer created it meanwhile
+                    mlflow.create_experiment(EXPERIMENT, artifact_location=_artifact_location(uri))
+            return mlflow.set_experiment(EXPERIMENT).experiment_id
+        except Exception as err:  # noqa: BLE001 - any failure here means the store is unusable
+            text = str(err)
+            if attempt + 1 < attempts and ("locked" in text or "already exists" in text):
+                time.sleep(0.5 * (attempt + 1))
+                continue
+            first_line = text.strip().splitlines()[0] if text.strip() else type(err).__name__
+            raise TrackingError(f"MLflow tracking URI {uri}: cannot be used ({first_line})") from None
+    raise AssertionError("unreachable")
 
 
 def git_tags(root: Path) -> dict[str, str]:

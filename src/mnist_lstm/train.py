@@ -27,7 +27,7 @@ import tensorflow as tf
 from mnist_lstm import contracts, tracking
 from mnist_lstm.errors import exits_cleanly
 from mnist_lstm.model import build_model
-from mnist_lstm.params import TrainParams, flatten, load_params
+from mnist_lstm.params import ParamsError, TrainParams, flatten, load_params
 
 HISTORY_COLUMNS = ("epoch", "loss", "accuracy", "val_loss", "val_accuracy")
 
@@ -52,6 +52,25 @@ def run_name(params: TrainParams) -> str:
     return f"{experiment}:{name}" if experiment else name
 
 
+def training_splits(
+    data: dict[str, np.ndarray], tuning_split: int
+) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]:
+    """(train, per-epoch validation). With `tuning_split` N > 0 the last N training images
+    validate instead of the validation split, so choosing hyperparameters never looks at it."""
+    if not tuning_split:
+        return (data["x_train"], data["y_train"]), (data["x_val"], data["y_val"])
+    if tuning_split >= len(data["x_train"]):
+        raise ParamsError(
+            f"train.tuning_split must leave training images: got {tuning_split}, "
+            f"but there are only {len(data['x_train'])}"
+        )
+    cut = len(data["x_train"]) - tuning_split
+    return (
+        (data["x_train"][:cut], data["y_train"][:cut]),
+        (data["x_train"][cut:], data["y_train"][cut:]),
+    )
+
+
 def fit(
     model: keras.Model,
     data: dict[str, np.ndarray],
@@ -60,10 +79,11 @@ def fit(
     verbose: int | str = "auto",
 ) -> pd.DataFrame:
     """Train as the tutorial does; the per-epoch history as a table."""
+    (x_train, y_train), validation = training_splits(data, params.tuning_split)
     history = model.fit(
-        data["x_train"],
-        data["y_train"],
-        validation_data=(data["x_val"], data["y_val"]),
+        x_train,
+        y_train,
+        validation_data=validation,
         batch_size=params.batch_size,
         epochs=params.epochs,
         callbacks=callbacks,
@@ -136,7 +156,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     data = contracts.load_processed(args.data)
     set_seed(params.seed)
-    model = build_model(params)
+    (x_fit, _), _ = training_splits(data, params.tuning_split)  # refuses a bad split up front
+    model = build_model(params, n_train=len(x_fit))
     model.summary()
 
     with tracking.training_run(
