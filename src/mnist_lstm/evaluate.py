@@ -18,6 +18,7 @@ matplotlib.use("Agg")  # files only: no display on servers or CI
 
 import keras  # noqa: E402
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
@@ -131,7 +132,7 @@ def plot_confusion(matrix: pd.DataFrame, path: Path) -> None:
     for (row, col), count in np.ndenumerate(counts):
         color = "white" if count > counts.max() / 2 else "black"
         ax.text(col, row, str(count), ha="center", va="center", fontsize=7, color=color)
-    ax.set(xticks=CLASSES, yticks=CLASSES, xlabel="predicted", ylabel="true")
+    ax.set(xticks=CLASSES, yticks=CLASSES, xlabel="predicted digit", ylabel="true digit")
     ax.set_title("Validation confusion matrix")
     fig.colorbar(image, ax=ax)
     _save_figure(fig, path)
@@ -139,10 +140,12 @@ def plot_confusion(matrix: pd.DataFrame, path: Path) -> None:
 
 def plot_history(history: pd.DataFrame, path: Path) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for ax, metric in zip(axes, ("loss", "accuracy")):
-        ax.plot(history["epoch"], history[metric], marker="o", label=f"train {metric}")
-        ax.plot(history["epoch"], history[f"val_{metric}"], marker="o", label=f"validation {metric}")
-        ax.set(xlabel="epoch", ylabel=metric, title=metric)
+    for ax, metric, label in zip(axes, ("loss", "accuracy"), ("cross-entropy loss", "accuracy")):
+        ax.plot(history["epoch"], history[metric], marker="o", label="train")
+        ax.plot(history["epoch"], history[f"val_{metric}"], marker="o", label="validation")
+        ax.set(xlabel="epoch", ylabel=label, title=f"{label.capitalize()} per epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole numbers
+        ax.grid(alpha=0.3)
         ax.legend()
     _save_figure(fig, path)
 
