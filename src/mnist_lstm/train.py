@@ -85,6 +85,9 @@ def fit(
         y_train,
         validation_data=validation,
         batch_size=params.batch_size,
+        # Validation only predicts: big batches make it cheap, and the batch size does not change
+        # what it measures.
+        validation_batch_size=1024,
         epochs=params.epochs,
         callbacks=callbacks,
         verbose=verbose,
