@@ -10,7 +10,7 @@ UI_HOST ?= 127.0.0.1
 # Stage commands in dvc.yaml run `python`: it must be the project's environment.
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
-.PHONY: install run test gate promote sweep tuned bench ui lineage lock clean-venv
+.PHONY: install run test lint gate promote sweep tuned bench ui lineage lock clean-venv
 
 # Reinstalls only when the lock, the package metadata or the data pin changes; otherwise make
 # sees the stamp is newer and does nothing.
@@ -31,6 +31,10 @@ run: install
 
 test: install
 	$(BIN)/python -m pytest
+
+lint: install
+	ruff check src tests bench
+	ruff format --check src tests bench
 
 # Fails (status 1) when the workspace metrics regress past the rules in params.yaml `gate`,
 # against the metrics committed at BASELINE (default: main when HEAD is elsewhere, else HEAD).

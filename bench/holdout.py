@@ -1,4 +1,4 @@
-"""Time the holdout prediction as `evaluate` makes it: one batched call, after the validation pass."""
+"""Time the holdout prediction as `evaluate` makes it: one batched call, after validation."""
 
 import json
 import sys

@@ -33,8 +33,13 @@ def timed(cmd: list[str], env: dict[str, str], cwd: Path = REPO) -> tuple[float,
     """(wall seconds, peak RSS MiB, stdout) of one process, measured by GNU time."""
     with tempfile.NamedTemporaryFile("r", suffix=".time") as report:
         started = time.perf_counter()
-        result = subprocess.run(["/usr/bin/time", "-f", "%M", "-o", report.name, *cmd], cwd=cwd,
-                                env=env, capture_output=True, text=True)
+        result = subprocess.run(
+            ["/usr/bin/time", "-f", "%M", "-o", report.name, *cmd],
+            cwd=cwd,
+            env=env,
+            capture_output=True,
+            text=True,
+        )
         wall = time.perf_counter() - started
         if result.returncode != 0:
             raise SystemExit(f"bench: {' '.join(cmd)} failed:\n{result.stdout}\n{result.stderr}")
@@ -52,9 +57,12 @@ def train_stage_epochs(store: str) -> list[float]:
 
     client = mlflow.MlflowClient(store)
     experiment = client.get_experiment_by_name("mnist-lstm")
-    (run,) = client.search_runs([experiment.experiment_id], order_by=["attributes.start_time DESC"],
-                                max_results=1)
-    history = sorted(client.get_metric_history(run.info.run_id, "epoch_seconds"), key=lambda m: m.step)
+    (run,) = client.search_runs(
+        [experiment.experiment_id], order_by=["attributes.start_time DESC"], max_results=1
+    )
+    history = sorted(
+        client.get_metric_history(run.info.run_id, "epoch_seconds"), key=lambda m: m.step
+    )
     return [m.value for m in history], run.data.metrics.get("val_accuracy")
 
 
@@ -66,16 +74,39 @@ def stage_commands() -> list[str]:
 def summary(values: list[float]) -> dict[str, float] | None:
     if not values:
         return None
-    return {"median": statistics.median(values), "min": min(values), "max": max(values), "n": len(values)}
+    return {
+        "median": statistics.median(values),
+        "min": min(values),
+        "max": max(values),
+        "n": len(values),
+    }
 
 
 def machine() -> dict:
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor())
-    threads = {k: os.environ[k] for k in ("OMP_NUM_THREADS", "TF_NUM_INTRAOP_THREADS",
-                                          "TF_NUM_INTEROP_THREADS", "TF_ENABLE_ONEDNN_OPTS") if k in os.environ}
-    return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(),
-            "thread_env": threads or "defaults (TensorFlow and PyTorch pick their own)"}
+    cpu = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        ),
+        platform.processor(),
+    )
+    threads = {
+        k: os.environ[k]
+        for k in (
+            "OMP_NUM_THREADS",
+            "TF_NUM_INTRAOP_THREADS",
+            "TF_NUM_INTEROP_THREADS",
+            "TF_ENABLE_ONEDNN_OPTS",
+        )
+        if k in os.environ
+    }
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "python": platform.python_version(),
+        "thread_env": threads or "defaults (TensorFlow and PyTorch pick their own)",
+    }
 
 
 def main() -> int:
@@ -83,8 +114,11 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--epochs", type=int, default=10, help="per process, the first is warm-up")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results.json")
-    parser.add_argument("--training-only", action="store_true",
-                        help="skip the dvc and holdout figures (quick lever comparisons)")
+    parser.add_argument(
+        "--training-only",
+        action="store_true",
+        help="skip the dvc and holdout figures (quick lever comparisons)",
+    )
     args = parser.parse_args()
 
     scratch = Path(tempfile.mkdtemp(prefix="mnist-bench-"))
@@ -99,16 +133,39 @@ def main() -> int:
         raise SystemExit("bench: run `make run` first (it writes data/)")
 
     contenders = {
-        "tutorial script": [sys.executable, "bench/tutorial_keras.py", "--data", str(raw),
-                            "--epochs", str(args.epochs)],
-        "train stage": [sys.executable, "-m", "mnist_lstm.train", "--params", str(params_path),
-                        "--data", str(processed), "--model", str(scratch / "model.keras"),
-                        "--history", str(scratch / "history.csv")],
-        "pytorch": [str(TORCH_PYTHON), "bench/torch_lstm.py", "--data", str(raw),
-                    "--epochs", str(args.epochs)],
+        "tutorial script": [
+            sys.executable,
+            "bench/tutorial_keras.py",
+            "--data",
+            str(raw),
+            "--epochs",
+            str(args.epochs),
+        ],
+        "train stage": [
+            sys.executable,
+            "-m",
+            "mnist_lstm.train",
+            "--params",
+            str(params_path),
+            "--data",
+            str(processed),
+            "--model",
+            str(scratch / "model.keras"),
+            "--history",
+            str(scratch / "history.csv"),
+        ],
+        "pytorch": [
+            str(TORCH_PYTHON),
+            "bench/torch_lstm.py",
+            "--data",
+            str(raw),
+            "--epochs",
+            str(args.epochs),
+        ],
     }
     figures: dict[str, dict[str, list[float]]] = {
-        name: {"epoch_s": [], "process_s": [], "peak_mib": [], "val_accuracy": []} for name in contenders
+        name: {"epoch_s": [], "process_s": [], "peak_mib": [], "val_accuracy": []}
+        for name in contenders
     }
     for round_no in range(args.rounds):
         for name, cmd in contenders.items():
@@ -122,9 +179,12 @@ def main() -> int:
             figures[name]["process_s"].append(wall)
             figures[name]["peak_mib"].append(peak)
             figures[name]["val_accuracy"].append(accuracy)
-            print(f"round {round_no + 1}/{args.rounds} {name}: {wall:.1f}s, "
-                  f"epochs {statistics.median(epochs[1:]):.2f}s, peak {peak:.0f} MiB, "
-                  f"val_accuracy {accuracy:.4f}", flush=True)
+            print(
+                f"round {round_no + 1}/{args.rounds} {name}: {wall:.1f}s, "
+                f"epochs {statistics.median(epochs[1:]):.2f}s, peak {peak:.0f} MiB, "
+                f"val_accuracy {accuracy:.4f}",
+                flush=True,
+            )
 
     # Orchestration: the pipeline's four commands run bare, then through `dvc repro -f`.
     dvc = str(Path(sys.executable).parent / "dvc")
@@ -138,11 +198,20 @@ def main() -> int:
         noop.append(timed([dvc, "repro"], env)[0])
 
     # Holdout: the tutorial's ten predict calls vs one batched call on the trained model.
-    loop = [sys.executable, "bench/tutorial_keras.py", "--data", str(raw), "--epochs", "1",
-            "--predict-holdout"]
+    loop = [
+        sys.executable,
+        "bench/tutorial_keras.py",
+        "--data",
+        str(raw),
+        "--epochs",
+        "1",
+        "--predict-holdout",
+    ]
     batched = [sys.executable, "bench/holdout.py", str(REPO / "models/model.keras"), str(processed)]
     rounds = 0 if args.training_only else args.rounds
-    tutorial_holdout = [last_json_line(timed(loop, env)[2])["holdout_seconds"] for _ in range(rounds)]
+    tutorial_holdout = [
+        last_json_line(timed(loop, env)[2])["holdout_seconds"] for _ in range(rounds)
+    ]
     ours = [last_json_line(timed(batched, env)[2])["holdout_seconds"] for _ in range(rounds)]
 
     results = {
@@ -166,41 +235,98 @@ def main() -> int:
 
 def render(results: dict) -> list[str]:
     c = results["contenders"]
-    tutorial, torch, ours = c["tutorial script"], c["pytorch"], c["train stage"]
+    tutorial, torch = c["tutorial script"], c["pytorch"]
 
-    def row(label: str, fig: dict | None, unit: str, vs_tutorial: dict | None = None,
-            vs_torch: dict | None = None) -> str:
+    def row(
+        label: str,
+        fig: dict | None,
+        unit: str,
+        vs_tutorial: dict | None = None,
+        vs_torch: dict | None = None,
+    ) -> str:
         if fig is None:
             return f"| {label} | not measured | | | | |"
         ratio = lambda ref: f"{fig['median'] / ref['median']:.2f}" if ref else "—"  # noqa: E731
-        return (f"| {label} | {fig['median']:.3f} {unit} | {fig['min']:.3f} | {fig['max']:.3f} "
-                f"| {ratio(vs_tutorial)} | {ratio(vs_torch)} |")
+        return (
+            f"| {label} | {fig['median']:.3f} {unit} | {fig['min']:.3f} | {fig['max']:.3f} "
+            f"| {ratio(vs_tutorial)} | {ratio(vs_torch)} |"
+        )
 
     m = results["machine"]
     lines = [
-        f"Machine: {m['cpu']}, {m['cores']} cores, Python {m['python']}; threads: {m['thread_env']}.",
-        f"{results['rounds']} interleaved rounds x {results['epochs_per_process']} epochs per process "
+        f"Machine: {m['cpu']}, {m['cores']} cores, Python {m['python']}; "
+        f"threads: {m['thread_env']}.",
+        f"{results['rounds']} interleaved rounds x {results['epochs_per_process']} epochs "
+        "per process "
         "(epoch figures exclude each process's first epoch).",
         "",
         "| figure | median | min | max | / tutorial | / PyTorch |",
         "|---|---|---|---|---|---|",
     ]
     for name, fig in c.items():
-        lines.append(row(f"{name}: epoch (train + validation)", fig["epoch_s"], "s", tutorial["epoch_s"], torch["epoch_s"]))
+        lines.append(
+            row(
+                f"{name}: epoch (train + validation)",
+                fig["epoch_s"],
+                "s",
+                tutorial["epoch_s"],
+                torch["epoch_s"],
+            )
+        )
     for name, fig in c.items():
-        lines.append(row(f"{name}: whole process", fig["process_s"], "s", tutorial["process_s"], torch["process_s"]))
+        lines.append(
+            row(
+                f"{name}: whole process",
+                fig["process_s"],
+                "s",
+                tutorial["process_s"],
+                torch["process_s"],
+            )
+        )
     for name, fig in c.items():
-        lines.append(row(f"{name}: peak memory", fig["peak_mib"], "MiB", tutorial["peak_mib"], torch["peak_mib"]))
+        lines.append(
+            row(
+                f"{name}: peak memory",
+                fig["peak_mib"],
+                "MiB",
+                tutorial["peak_mib"],
+                torch["peak_mib"],
+            )
+        )
     for name, fig in c.items():
-        lines.append(row(f"{name}: val_accuracy after {results['epochs_per_process']} epochs", fig["val_accuracy"], ""))
-    lines.append(row("`dvc repro -f` (4 stages)", results["dvc_repro_force_s"], "s",
-                     results["bare_stage_commands_s"]))
+        lines.append(
+            row(
+                f"{name}: val_accuracy after {results['epochs_per_process']} epochs",
+                fig["val_accuracy"],
+                "",
+            )
+        )
+    lines.append(
+        row(
+            "`dvc repro -f` (4 stages)",
+            results["dvc_repro_force_s"],
+            "s",
+            results["bare_stage_commands_s"],
+        )
+    )
     lines.append(row("bare stage commands (4)", results["bare_stage_commands_s"], "s"))
     lines.append(row("no-op `dvc repro`", results["noop_dvc_repro_s"], "s"))
-    lines.append(row("holdout: tutorial's 10 predict calls", results["holdout_tutorial_loop_s"], "s"))
-    lines.append(row("holdout: one batched call", results["holdout_batched_s"], "s", results["holdout_tutorial_loop_s"]))
+    lines.append(
+        row("holdout: tutorial's 10 predict calls", results["holdout_tutorial_loop_s"], "s")
+    )
+    lines.append(
+        row(
+            "holdout: one batched call",
+            results["holdout_batched_s"],
+            "s",
+            results["holdout_tutorial_loop_s"],
+        )
+    )
     lines.append("")
-    lines.append("Ratios of `dvc repro -f` are to the bare stage commands; of the batched holdout, to the loop.")
+    lines.append(
+        "Ratios of `dvc repro -f` are to the bare stage commands; "
+        "of the batched holdout, to the loop."
+    )
     return lines
 
 

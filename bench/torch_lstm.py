@@ -1,4 +1,4 @@
-"""The same model in plain PyTorch: nn.LSTM(28 -> 64) -> BatchNorm1d -> Linear(10), SGD 0.01, batch 64.
+"""The same model in plain PyTorch: LSTM(28 -> 64) -> BatchNorm1d -> Linear(10), SGD, batch 64.
 
 Runs in its own environment (bench/.venv-torch, made by `make bench`); never a project dependency.
 Prints one JSON line with per-epoch seconds (training plus validation, like Keras' fit) and the

@@ -20,7 +20,10 @@ parser.add_argument("--predict-holdout", action="store_true")
 args = parser.parse_args()
 
 with np.load(args.data) as npz:
-    (x_train, y_train), (x_test, y_test) = (npz["x_train"], npz["y_train"]), (npz["x_test"], npz["y_test"])
+    (x_train, y_train), (x_test, y_test) = (
+        (npz["x_train"], npz["y_train"]),
+        (npz["x_test"], npz["y_test"]),
+    )
 x_train, x_test = x_train / 255.0, x_test / 255.0
 x_validate, y_validate = x_test[:-10], y_test[:-10]
 x_test, y_test = x_test[-10:], y_test[-10:]
@@ -49,8 +52,15 @@ class EpochTimes(keras.callbacks.Callback):
 
 
 timer = EpochTimes()
-history = model.fit(x_train, y_train, validation_data=(x_validate, y_validate), batch_size=64,
-                    epochs=args.epochs, callbacks=[timer], verbose=0)
+history = model.fit(
+    x_train,
+    y_train,
+    validation_data=(x_validate, y_validate),
+    batch_size=64,
+    epochs=args.epochs,
+    callbacks=[timer],
+    verbose=0,
+)
 result = {"epoch_seconds": timer.seconds, "val_accuracy": history.history["val_accuracy"][-1]}
 if args.predict_holdout:
     started = time.perf_counter()

@@ -20,7 +20,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def make_tiny_raw(n_train: int = 120, n_test: int = 40, seed: int = 0) -> dict[str, np.ndarray]:
-    """Raw arrays in Keras' layout; digit d is a bright band on rows 2d..2d+2, so it is learnable."""
+    """Raw arrays in Keras' layout; digit d is a bright band on rows 2d..2d+2 (learnable)."""
     rng = np.random.default_rng(seed)
 
     def images(labels: np.ndarray) -> np.ndarray:
@@ -73,14 +73,26 @@ def write_params(tmp_path: Path):
 
 BIN = Path(sys.executable).parent
 # What a clone holds that the pipeline needs (outputs, caches and stores excluded).
-PROJECT_FILES = ["dvc.yaml", "params.yaml", "src", ".dvc/config", ".dvc/.gitignore", ".dvcignore",
-                 ".gitignore", "README.md"]
+PROJECT_FILES = [
+    "dvc.yaml",
+    "params.yaml",
+    "src",
+    ".dvc/config",
+    ".dvc/.gitignore",
+    ".dvcignore",
+    ".gitignore",
+    "README.md",
+]
 
 
-def run(cmd: list[str], cwd: Path, env: dict[str, str], check: bool = True) -> subprocess.CompletedProcess:
+def run(
+    cmd: list[str], cwd: Path, env: dict[str, str], check: bool = True
+) -> subprocess.CompletedProcess:
     result = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
     if check and result.returncode != 0:
-        raise AssertionError(f"{cmd} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
+        raise AssertionError(
+            f"{cmd} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}"
+        )
     return result
 
 
@@ -94,7 +106,9 @@ def make_project(root: Path, **overrides) -> tuple[Path, dict[str, str]]:
         source, target = REPO / name, root / name
         target.parent.mkdir(parents=True, exist_ok=True)
         if source.is_dir():
-            shutil.copytree(source, target, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+            shutil.copytree(
+                source, target, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info")
+            )
         else:
             shutil.copy2(source, target)
     fixture = root / "fixtures" / "tiny_mnist.npz"

@@ -40,7 +40,10 @@ def edited(path: Path, old: str, new: str):
 def test_forced_reruns_leave_dvc_lock_and_metrics_byte_identical(project):
     root, env = project
     run(["dvc", "repro", "-f"], root, env)
-    lock, metrics = (root / "dvc.lock").read_bytes(), (root / "reports" / "metrics.json").read_bytes()
+    lock, metrics = (
+        (root / "dvc.lock").read_bytes(),
+        (root / "reports" / "metrics.json").read_bytes(),
+    )
     forced = run(["dvc", "repro", "-f"], root, env)
     assert stages_run(forced) == ["fetch", "normalize", "train", "evaluate"]
     assert (root / "dvc.lock").read_bytes() == lock
@@ -82,7 +85,9 @@ def test_fetch_never_refetches_while_its_output_is_cached(project):
 
 def test_editing_a_module_reruns_the_stages_that_import_it_and_a_readme_none(project):
     root, env = project
-    with edited(root / "src" / "mnist_lstm" / "model.py", '"""The tutorial', '"""(edited) The tutorial'):
+    with edited(
+        root / "src" / "mnist_lstm" / "model.py", '"""The tutorial', '"""(edited) The tutorial'
+    ):
         # A docstring edit retrains, and the retrained model is byte-identical: DVC then has no
         # reason to rerun evaluate.
         assert stages_run(run(["dvc", "repro"], root, env)) == ["train"]
@@ -95,13 +100,19 @@ def _imports(module: Path) -> set[str]:
     """The mnist_lstm modules `module` imports directly."""
     names = set()
     for node in ast.walk(ast.parse(module.read_text())):
-        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("mnist_lstm"):
+        if (
+            isinstance(node, ast.ImportFrom)
+            and node.module
+            and node.module.startswith("mnist_lstm")
+        ):
             if node.module == "mnist_lstm":
                 names.update(alias.name for alias in node.names)
             else:
                 names.add(node.module.split(".", 1)[1])
         elif isinstance(node, ast.Import):
-            names.update(a.name.split(".", 1)[1] for a in node.names if a.name.startswith("mnist_lstm."))
+            names.update(
+                a.name.split(".", 1)[1] for a in node.names if a.name.startswith("mnist_lstm.")
+            )
     return names
 
 

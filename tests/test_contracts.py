@@ -11,7 +11,9 @@ def test_npz_files_are_byte_identical_for_identical_arrays(tiny_raw, tmp_path):
     contracts.save_raw(tmp_path / "a.npz", tiny_raw)
     contracts.save_raw(tmp_path / "b.npz", tiny_raw)
     assert (tmp_path / "a.npz").read_bytes() == (tmp_path / "b.npz").read_bytes()
-    np.testing.assert_array_equal(contracts.load_raw(tmp_path / "a.npz")["x_train"], tiny_raw["x_train"])
+    np.testing.assert_array_equal(
+        contracts.load_raw(tmp_path / "a.npz")["x_train"], tiny_raw["x_train"]
+    )
 
 
 def test_a_failed_write_leaves_the_previous_file_intact(tiny_raw, tmp_path):
@@ -30,7 +32,9 @@ def test_processed_pixels_outside_unit_range_are_refused(tiny_raw, tmp_path):
     processed["x_val"] = processed["x_val"] * 255
     path = tmp_path / "processed.npz"
     contracts.write_npz(path, processed)
-    with pytest.raises(contracts.ContractError, match=f"{path}: array 'x_val' must hold pixels in \\[0, 1\\]"):
+    with pytest.raises(
+        contracts.ContractError, match=f"{path}: array 'x_val' must hold pixels in \\[0, 1\\]"
+    ):
         contracts.load_processed(path)
 
 

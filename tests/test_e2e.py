@@ -1,4 +1,4 @@
-"""The real `dvc repro` on a temporary copy of the repo with tiny data, then the real MLflow store."""
+"""The real `dvc repro` on a tiny-data copy of the repo, then the real MLflow store."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ import yaml
 from conftest import make_project, run, stages_run
 
 pytestmark = pytest.mark.e2e
+
 
 @pytest.fixture(scope="module")
 def project(tmp_path_factory) -> tuple[Path, dict[str, str]]:
@@ -40,7 +41,9 @@ def test_repro_prints_summary_epochs_metrics_and_holdout_lines(first_repro):
     for stage in ("fetch", "normalize", "train", "evaluate"):
         assert f"Running stage '{stage}'" in out
     assert "Total params" in out
-    assert re.search(r"^\d+/\d+ - .* - loss: .* - val_accuracy: ", out, re.MULTILINE)  # the epoch line
+    assert re.search(
+        r"^\d+/\d+ - .* - loss: .* - val_accuracy: ", out, re.MULTILINE
+    )  # the epoch line
     assert "val_accuracy" in out
     holdout = [line for line in out.splitlines() if line.startswith("[") and line[1:2].isdigit()]
     assert len(holdout) == 10
@@ -52,8 +55,13 @@ def test_repro_writes_every_declared_output(project, first_repro):
     metrics = json.loads((root / "reports" / "metrics.json").read_text())
     assert {"val_accuracy", "val_loss", "holdout_accuracy"} <= metrics.keys()
     assert 0.0 <= metrics["val_accuracy"] <= 1.0
-    for name in ("per_class.csv", "confusion_matrix.csv", "holdout_predictions.csv",
-                 "confusion_matrix.png", "training_curves.png"):
+    for name in (
+        "per_class.csv",
+        "confusion_matrix.csv",
+        "holdout_predictions.csv",
+        "confusion_matrix.png",
+        "training_curves.png",
+    ):
         assert (root / "reports" / name).stat().st_size > 0
     holdout = (root / "reports" / "holdout_predictions.csv").read_text().splitlines()
     assert holdout[0] == "index,label,prediction,confidence" and len(holdout) == 11
@@ -82,18 +90,26 @@ def test_one_run_holds_params_epoch_metrics_tags_and_artifacts(project, first_re
     assert tags["data.fetch_source"] == "path"
     # The run carries the very hashes dvc.lock records, so each finds the other.
     lock = yaml.safe_load((root / "dvc.lock").read_text())["stages"]
-    for tag, stage, path in [("dvc.raw_md5", "fetch", "data/raw/mnist.npz"),
-                             ("dvc.processed_md5", "normalize", "data/processed/mnist.npz"),
-                             ("dvc.model_md5", "train", "models/model.keras")]:
+    for tag, stage, path in [
+        ("dvc.raw_md5", "fetch", "data/raw/mnist.npz"),
+        ("dvc.processed_md5", "normalize", "data/processed/mnist.npz"),
+        ("dvc.model_md5", "train", "models/model.keras"),
+    ]:
         locked = next(out["md5"] for out in lock[stage]["outs"] if out["path"] == path)
         assert tags[tag] == locked, tag
     assert run.info.run_name.startswith("lstm16-bn-sgd-lr0.01-bs32-e1@" + head.stdout.strip()[:7])
-    snapshot = json.loads(Path(client.download_artifacts(run.info.run_id, "params.json")).read_text())
+    snapshot = json.loads(
+        Path(client.download_artifacts(run.info.run_id, "params.json")).read_text()
+    )
     assert snapshot["train.units"] == 16 and snapshot["fetch.source"] == "path"
 
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "reports")}
-    assert {"reports/confusion_matrix.png", "reports/training_curves.png",
-            "reports/holdout_predictions.csv", "reports/per_class.csv"} <= artifacts
+    assert {
+        "reports/confusion_matrix.png",
+        "reports/training_curves.png",
+        "reports/holdout_predictions.csv",
+        "reports/per_class.csv",
+    } <= artifacts
     # Artifacts live beside the store under the repo root, not wherever the stage ran.
     assert run.info.artifact_uri.startswith((root / "mlartifacts").as_uri())
 
@@ -187,7 +203,11 @@ def test_lineage_of_an_unknown_run_is_one_clear_line(project, first_repro):
     root, env = project
     result = lineage(root, env, "0" * 32, check=False)
     assert result.returncode == 1
-    assert result.stderr.strip().splitlines()[-1].startswith(f"error: {'0' * 32}: not found in sqlite:///")
+    assert (
+        result.stderr.strip()
+        .splitlines()[-1]
+        .startswith(f"error: {'0' * 32}: not found in sqlite:///")
+    )
 
 
 def test_dvc_exp_run_tags_its_run_with_the_experiment_and_baseline(project, first_repro):
@@ -202,6 +222,11 @@ def test_dvc_exp_run_tags_its_run_with_the_experiment_and_baseline(project, firs
     assert tagged[0].data.params["train.units"] == "8"
     assert tagged[0].info.run_name.startswith("units-eight:lstm8-")
     assert "eval/val_accuracy" in tagged[0].data.metrics
+    # `dvc exp apply` brings an experiment back into the workspace.
+    run(["git", "checkout", "params.yaml"], root, env)
+    run(["dvc", "exp", "apply", "units-eight"], root, env)
+    assert yaml.safe_load((root / "params.yaml").read_text())["train"]["units"] == 8
+    assert "Data and pipelines are up to date" in run(["dvc", "status"], root, env).stdout
 
 
 def test_dvc_plots_show_renders_curves_and_confusion_matrix(project, first_repro):
@@ -238,4 +263,6 @@ def test_logged_tags_carry_no_absolute_paths(project, first_repro):
     _, _, all_runs = mlflow_runs(root)
     for logged in all_runs:
         values = list(logged.data.tags.values()) + list(logged.data.params.values())
-        assert not [v for v in values if str(root) in v or v.startswith(os.path.expanduser("~") + "/")]
+        assert not [
+            v for v in values if str(root) in v or v.startswith(os.path.expanduser("~") + "/")
+        ]

@@ -39,11 +39,16 @@ def test_below_the_floor_fails_naming_metric_and_rule():
     checks = gate.check_metrics(worse, dict(BASELINE, val_accuracy=0.93), RULES)
     assert not gate.passed(checks)
     assert ("val_accuracy", ">= 0.93", False) in verdicts(checks)
-    assert gate.render(checks, "HEAD")[-1] == "gate: FAILED: val_accuracy 0.925 is below the floor 0.93"
+    assert (
+        gate.render(checks, "HEAD")[-1]
+        == "gate: FAILED: val_accuracy 0.925 is below the floor 0.93"
+    )
 
 
 def test_a_drop_larger_than_allowed_fails_even_above_the_floor():
-    checks = gate.check_metrics(dict(BASELINE, val_accuracy=0.955), BASELINE, RULES, baseline_source="main")
+    checks = gate.check_metrics(
+        dict(BASELINE, val_accuracy=0.955), BASELINE, RULES, baseline_source="main"
+    )
     assert ("val_accuracy", ">= 0.93", True) in verdicts(checks)
     assert ("val_accuracy", "drop <= 0.01", False) in verdicts(checks)
     assert gate.render(checks, "main")[-1] == (
@@ -79,10 +84,22 @@ def test_a_metric_missing_on_either_side_is_an_error_not_a_pass():
 @pytest.mark.parametrize(
     ("rule", "expected"),
     [
-        ({"better": "up", "limit": 1, "max_regression": 0}, "gate.val_accuracy.better must be one of higher, lower"),
-        ({"better": "higher", "limit": None, "max_regression": None}, "gate.val_accuracy needs a limit, a max_regression or both"),
-        ({"better": "higher", "limit": 0.9, "max_regression": -0.1}, "gate.val_accuracy.max_regression must be a finite number or null >= 0"),
-        ({"better": "higher", "limit": "0.9", "max_regression": 0.1}, "gate.val_accuracy.limit must be a finite number or null, got '0.9'"),
+        (
+            {"better": "up", "limit": 1, "max_regression": 0},
+            "gate.val_accuracy.better must be one of higher, lower",
+        ),
+        (
+            {"better": "higher", "limit": None, "max_regression": None},
+            "gate.val_accuracy needs a limit, a max_regression or both",
+        ),
+        (
+            {"better": "higher", "limit": 0.9, "max_regression": -0.1},
+            "gate.val_accuracy.max_regression must be a finite number or null >= 0",
+        ),
+        (
+            {"better": "higher", "limit": "0.9", "max_regression": 0.1},
+            "gate.val_accuracy.limit must be a finite number or null, got '0.9'",
+        ),
         ({"better": "higher", "limit": 0.9}, "missing key 'gate.val_accuracy.max_regression'"),
     ],
 )
@@ -105,8 +122,12 @@ def test_gate_rules_are_validated_like_every_params_section(write_params, rule, 
 @pytest.fixture
 def repo(tmp_path, monkeypatch):
     def git(*args):
-        subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=tmp_path,
-                       check=True, capture_output=True)
+        subprocess.run(
+            ["git", "-c", "user.name=t", "-c", "user.email=t@t", *args],
+            cwd=tmp_path,
+            check=True,
+            capture_output=True,
+        )
 
     git("init", "-q", "-b", "main")
     repo_params = Path(__file__).resolve().parents[1] / "params.yaml"
@@ -128,7 +149,9 @@ def test_gate_command_passes_on_unchanged_metrics(repo, capsys):
     assert gate.main([]) == 0
     out = capsys.readouterr().out
     assert out.strip().splitlines()[-1] == "gate: passed: 4 rule(s) hold against HEAD"
-    assert (root / "reports" / "gate.md").read_text().startswith("# Metrics gate: workspace vs HEAD")
+    assert (
+        (root / "reports" / "gate.md").read_text().startswith("# Metrics gate: workspace vs HEAD")
+    )
 
 
 def test_gate_command_fails_with_a_table_and_the_rule_in_the_last_line(repo, capsys):
@@ -138,8 +161,10 @@ def test_gate_command_fails_with_a_table_and_the_rule_in_the_last_line(repo, cap
     out = capsys.readouterr().out.strip().splitlines()
     assert out[0].startswith("| metric | baseline (HEAD) | current | change | rule | verdict |")
     assert "| val_accuracy | 0.969 | 0.84 | -0.129 | drop <= 0.01 | **FAIL** |" in out
-    assert out[-1] == ("gate: FAILED: val_accuracy 0.84 is below the floor 0.93; val_accuracy "
-                       "dropped 0.129 against HEAD, more than the allowed 0.01")
+    assert out[-1] == (
+        "gate: FAILED: val_accuracy 0.84 is below the floor 0.93; val_accuracy "
+        "dropped 0.129 against HEAD, more than the allowed 0.01"
+    )
     assert out[-1] in (root / "reports" / "gate.md").read_text()
 
 
@@ -157,7 +182,13 @@ def test_gate_defaults_to_main_on_another_branch(repo, capsys):
 def test_missing_metrics_file_or_baseline_exit_2(repo, capsys):
     root, git = repo
     assert gate.main(["--baseline", "no-such-rev"]) == 2
-    assert "error: baseline no-such-rev:reports/metrics.json: not committed there" in capsys.readouterr().err
+    assert (
+        "error: baseline no-such-rev:reports/metrics.json: not committed there"
+        in capsys.readouterr().err
+    )
     (root / "reports" / "metrics.json").unlink()
     assert gate.main([]) == 2
-    assert "reports/metrics.json: metrics file not found; run `dvc repro` first" in capsys.readouterr().err
+    assert (
+        "reports/metrics.json: metrics file not found; run `dvc repro` first"
+        in capsys.readouterr().err
+    )

@@ -9,15 +9,28 @@ from mnist_lstm.model import build_model
 from mnist_lstm.params import TrainParams
 
 TUTORIAL = TrainParams(
-    units=64, batch_norm=True, optimizer="sgd", learning_rate=0.01, batch_size=64, epochs=10, seed=0,
-    bidirectional=False, layers=1, dropout=0.0, schedule="constant", augment_shift=0, tuning_split=0,
+    units=64,
+    batch_norm=True,
+    optimizer="sgd",
+    learning_rate=0.01,
+    batch_size=64,
+    epochs=10,
+    seed=0,
+    bidirectional=False,
+    layers=1,
+    dropout=0.0,
+    schedule="constant",
+    augment_shift=0,
+    tuning_split=0,
 )
 
 
 def test_tutorial_model_has_the_tutorials_layers_and_lstm_size():
     model = build_model(TUTORIAL)
     assert [layer.__class__.__name__ for layer in model.layers] == [
-        "LSTM", "BatchNormalization", "Dense"
+        "LSTM",
+        "BatchNormalization",
+        "Dense",
     ]
     assert model.get_layer("lstm").count_params() == 23_808
     assert model.output_shape == (None, 10)
@@ -45,8 +58,17 @@ def test_bidirectional_stacked_dropout_and_augmented_model():
     )
     model = build_model(params)
     names = [layer.__class__.__name__ for layer in model.layers]
-    assert names == ["Reshape", "RandomTranslation", "Reshape", "Bidirectional", "Dropout",
-                     "Bidirectional", "BatchNormalization", "Dropout", "Dense"]
+    assert names == [
+        "Reshape",
+        "RandomTranslation",
+        "Reshape",
+        "Bidirectional",
+        "Dropout",
+        "Bidirectional",
+        "BatchNormalization",
+        "Dropout",
+        "Dense",
+    ]
     first, second = model.get_layer("bilstm"), model.get_layer("bilstm_1")
     assert first.output.shape == (None, 28, 16)  # both directions, every row: feeds the next LSTM
     assert second.output.shape == (None, 16)
@@ -56,9 +78,15 @@ def test_bidirectional_stacked_dropout_and_augmented_model():
 
 
 def test_cosine_schedule_decays_to_zero_over_all_steps():
-    params = dataclasses.replace(TUTORIAL, optimizer="adam", learning_rate=0.002, schedule="cosine", epochs=4)
+    params = dataclasses.replace(
+        TUTORIAL, optimizer="adam", learning_rate=0.002, schedule="cosine", epochs=4
+    )
     model = build_model(params, n_train=640)  # 10 steps per epoch at batch 64
-    schedule = model.optimizer.learning_rate if callable(model.optimizer.learning_rate) else model.optimizer._learning_rate
+    schedule = (
+        model.optimizer.learning_rate
+        if callable(model.optimizer.learning_rate)
+        else model.optimizer._learning_rate
+    )
     assert float(schedule(0)) == pytest.approx(0.002)
     assert float(schedule(20)) == pytest.approx(0.001, rel=1e-3)
     assert float(schedule(40)) == pytest.approx(0.0, abs=1e-9)

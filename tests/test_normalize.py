@@ -26,7 +26,9 @@ def test_splits_follow_the_tutorial(tiny_raw):
 
 
 def test_holdout_must_leave_validation_images(tiny_raw):
-    with pytest.raises(ParamsError, match="normalize.holdout_size must leave validation images: got 40"):
+    with pytest.raises(
+        ParamsError, match="normalize.holdout_size must leave validation images: got 40"
+    ):
         split(tiny_raw, holdout_size=40)
 
 
@@ -43,5 +45,8 @@ def test_stage_refuses_tampered_raw_file(tiny_raw, tmp_path, write_params, capsy
     np.savez(bad, **tiny_raw)
     out = tmp_path / "processed.npz"
     assert main(["--params", str(write_params()), "--raw", str(bad), "--out", str(out)]) == 1
-    assert f"error: {bad}: array 'y_test' must be (n,) uint8, got (40,) int64" in capsys.readouterr().err
+    assert (
+        f"error: {bad}: array 'y_test' must be (n,) uint8, got (40,) int64"
+        in capsys.readouterr().err
+    )
     assert not out.exists()

@@ -9,7 +9,6 @@ from mnist_lstm.params import (
     FetchParams,
     NormalizeParams,
     ParamsError,
-    TrainParams,
     flatten,
     load_params,
 )
@@ -42,7 +41,10 @@ def test_flatten_names_keys_as_in_params_yaml():
 @pytest.mark.parametrize(
     ("overrides", "expected"),
     [
-        ({"train.units": "64"}, "train.units must be an integer > 0, got '64' (a string: write 64)"),
+        (
+            {"train.units": "64"},
+            "train.units must be an integer > 0, got '64' (a string: write 64)",
+        ),
         ({"train.units": True}, "train.units must be an integer > 0, got true (a boolean)"),
         ({"train.units": 0}, "train.units must be an integer > 0, got 0"),
         ({"train.batch_size": -1}, "train.batch_size must be an integer > 0, got -1"),
@@ -56,17 +58,26 @@ def test_flatten_names_keys_as_in_params_yaml():
         ({"train.learning_rate": math.inf}, "train.learning_rate must be a finite number > 0"),
         ({"train.learning_rate": math.nan}, "train.learning_rate must be a finite number > 0"),
         ({"train.batch_norm": "yes"}, "train.batch_norm must be true or false, got 'yes'"),
-        ({"train.optimizer": "adamw"}, "train.optimizer must be one of sgd, adam, rmsprop, got 'adamw'"),
+        (
+            {"train.optimizer": "adamw"},
+            "train.optimizer must be one of sgd, adam, rmsprop, got 'adamw'",
+        ),
         ({"train.seed": -1}, "train.seed must be an integer 0..2**32-1, got -1"),
         ({"normalize.holdout_size": 0}, "normalize.holdout_size must be an integer 1..9999, got 0"),
         ({"normalize.holdout_size": 10000}, "normalize.holdout_size must be an integer 1..9999"),
-        ({"fetch.source": "s3"}, "fetch.source must be one of auto, keras, package, path, got 's3'"),
+        (
+            {"fetch.source": "s3"},
+            "fetch.source must be one of auto, keras, package, path, got 's3'",
+        ),
         ({"fetch.source": "path"}, "fetch.path must name a local .npz when fetch.source is 'path'"),
         ({"fetch.url": "ftp://x"}, "fetch.url must be an http(s) URL, got 'ftp://x'"),
         ({"fetch.timeout_s": 0}, "fetch.timeout_s must be a finite number > 0, got 0"),
         ({"train.dropout": 1.0}, "train.dropout must be a finite number in [0, 1), got 1.0"),
         ({"train.layers": 0}, "train.layers must be an integer 1..4, got 0"),
-        ({"train.schedule": "linear"}, "train.schedule must be one of constant, cosine, got 'linear'"),
+        (
+            {"train.schedule": "linear"},
+            "train.schedule must be one of constant, cosine, got 'linear'",
+        ),
         ({"train.augment_shift": 9}, "train.augment_shift must be an integer 0..8, got 9"),
         ({"train.tuning_split": -5}, "train.tuning_split must be an integer >= 0, got -5"),
         ({"train.bidirectional": 1}, "train.bidirectional must be true or false, got 1"),
@@ -84,7 +95,9 @@ def test_bad_values_name_file_key_value_and_rule(write_params, overrides, expect
 
 def test_unknown_key_suggests_the_intended_one(write_params, tmp_path):
     path = write_params({"train.epoch": 3})
-    with pytest.raises(ParamsError, match=r"unknown key 'train.epoch' \(did you mean 'train.epochs'\?\)"):
+    with pytest.raises(
+        ParamsError, match=r"unknown key 'train.epoch' \(did you mean 'train.epochs'\?\)"
+    ):
         load_params(path, "train")
 
 
@@ -128,8 +141,16 @@ def test_a_stage_stops_before_any_work_with_one_line(write_params, tmp_path, cap
     path = write_params({"train.learning_rate": "1e-3"})
     model = tmp_path / "model.keras"
     status = train_main(
-        ["--params", str(path), "--data", str(tmp_path / "absent.npz"),
-         "--model", str(model), "--history", str(tmp_path / "h.csv")]
+        [
+            "--params",
+            str(path),
+            "--data",
+            str(tmp_path / "absent.npz"),
+            "--model",
+            str(model),
+            "--history",
+            str(tmp_path / "h.csv"),
+        ]
     )
     err = capsys.readouterr().err
     assert status == 1

@@ -36,7 +36,10 @@ def test_a_preset_applied_over_params_yields_a_valid_configuration(tmp_path):
     ("preset", "expected"),
     [
         ({"train": {"units": 0}}, "p.yaml: train.units must be an integer > 0, got 0"),
-        ({"train": {"epoch": 3}}, "p.yaml: unknown key 'train.epoch' (did you mean 'train.epochs'?)"),
+        (
+            {"train": {"epoch": 3}},
+            "p.yaml: unknown key 'train.epoch' (did you mean 'train.epochs'?)",
+        ),
         ({"trian": {"units": 3}}, "p.yaml: 'trian' is not a params.yaml section mapping"),
     ],
 )

@@ -18,7 +18,10 @@ def project(tmp_path_factory):
     # A config that learns the tiny bands well, and gate rules sized for 30 validation images.
     root, env = make_project(
         tmp_path_factory.mktemp("promote"),
-        train__optimizer="adam", train__learning_rate=0.02, train__epochs=10, train__batch_size=16,
+        train__optimizer="adam",
+        train__learning_rate=0.02,
+        train__epochs=10,
+        train__batch_size=16,
     )
     params = yaml.safe_load((root / "params.yaml").read_text())
     params["gate"] = {
@@ -48,12 +51,17 @@ def test_a_good_first_run_passes_the_gate_and_becomes_champion(project):
     assert metrics["val_accuracy"] >= 0.5, "the tiny config should learn"
     assert py(root, env, "gate").stdout.strip().endswith("rule(s) hold against HEAD")
     promoted = py(root, env, "promote")
-    assert "promote: mnist-lstm version 1 " in promoted.stdout and "is now @champion" in promoted.stdout
+    assert (
+        "promote: mnist-lstm version 1 " in promoted.stdout
+        and "is now @champion" in promoted.stdout
+    )
     mlflow, client = registry(root)
     version = client.get_model_version_by_alias("mnist-lstm", "champion")
     assert str(version.version) == "1"
     # The run was made before the results were committed: it names the commit it ran on.
-    assert version.tags["git.commit"] == run(["git", "rev-parse", "HEAD~1"], root, env).stdout.strip()
+    assert (
+        version.tags["git.commit"] == run(["git", "rev-parse", "HEAD~1"], root, env).stdout.strip()
+    )
     assert version.tags["previous_champion_version"] == "none"
     model = mlflow.pyfunc.load_model("models:/mnist-lstm@champion")
     holdout = np.load(root / "data" / "processed" / "mnist.npz")["x_holdout"]
@@ -86,7 +94,9 @@ def test_promoting_again_records_the_previous_champion(project):
     root, env = project
     run(["git", "checkout", "params.yaml"], root, env)  # undo the experiment's params
     restored = run(["dvc", "repro"], root, env)
-    assert "Running stage 'train'" not in restored.stdout  # DVC's run-cache brings v1's outputs back
+    assert (
+        "Running stage 'train'" not in restored.stdout
+    )  # DVC's run-cache brings v1's outputs back
     promoted = py(root, env, "promote")  # equal to the champion: within every allowance
     assert "version 2 " in promoted.stdout and "was version 1" in promoted.stdout
     _, client = registry(root)

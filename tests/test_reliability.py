@@ -35,8 +35,19 @@ def stage_env(tiny_raw, tmp_path, write_params):
 
 
 def train_cmd(params: Path, data: Path, out: Path) -> list[str]:
-    return [sys.executable, "-m", "mnist_lstm.train", "--params", str(params), "--data", str(data),
-            "--model", str(out / "model.keras"), "--history", str(out / "history.csv")]
+    return [
+        sys.executable,
+        "-m",
+        "mnist_lstm.train",
+        "--params",
+        str(params),
+        "--data",
+        str(data),
+        "--model",
+        str(out / "model.keras"),
+        "--history",
+        str(out / "history.csv"),
+    ]
 
 
 def wait_for_line(proc: subprocess.Popen, prefix: str) -> None:
@@ -53,11 +64,19 @@ def runs(uri: str):
     return client, client.search_runs([client.get_experiment_by_name("mnist-lstm").experiment_id])
 
 
-def test_a_run_orphaned_by_kill_9_is_marked_failed_by_the_next_pipeline(stage_env, tmp_path, write_params):
+def test_a_run_orphaned_by_kill_9_is_marked_failed_by_the_next_pipeline(
+    stage_env, tmp_path, write_params
+):
     data, env, uri = stage_env
     out = tmp_path / "models"
-    proc = subprocess.Popen(train_cmd(write_params({"train.epochs": 10000}), data, out), cwd=tmp_path,
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    proc = subprocess.Popen(
+        train_cmd(write_params({"train.epochs": 10000}), data, out),
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
     wait_for_line(proc, "Epoch 3/")
     proc.kill()  # SIGKILL: no handler runs, the run stays RUNNING in the store
     proc.wait(timeout=30)
@@ -65,10 +84,19 @@ def test_a_run_orphaned_by_kill_9_is_marked_failed_by_the_next_pipeline(stage_en
     assert orphan.info.status == "RUNNING"
     assert not (out / "model.keras").exists()
 
-    again = subprocess.run(train_cmd(write_params({"train.epochs": 1}, name="p1.yaml"), data, out),
-                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    again = subprocess.run(
+        train_cmd(write_params({"train.epochs": 1}, name="p1.yaml"), data, out),
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert again.returncode == 0, again.stderr
-    assert f"run {orphan.info.run_id} was left RUNNING by a process that died; marked FAILED" in again.stdout
+    assert (
+        f"run {orphan.info.run_id} was left RUNNING by a process that died; marked FAILED"
+        in again.stdout
+    )
     client, all_runs = runs(uri)
     status = {r.info.run_id: r.info.status for r in all_runs}
     assert status[orphan.info.run_id] == "FAILED"
@@ -79,8 +107,14 @@ def test_a_run_orphaned_by_kill_9_is_marked_failed_by_the_next_pipeline(stage_en
 def test_sigint_ends_the_run_killed_like_sigterm(stage_env, tmp_path, write_params):
     data, env, uri = stage_env
     out = tmp_path / "models"
-    proc = subprocess.Popen(train_cmd(write_params({"train.epochs": 10000}), data, out), cwd=tmp_path,
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        train_cmd(write_params({"train.epochs": 10000}), data, out),
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     wait_for_line(proc, "Epoch 2/")
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)
@@ -90,26 +124,61 @@ def test_sigint_ends_the_run_killed_like_sigterm(stage_env, tmp_path, write_para
     assert not out.exists() or not any(out.iterdir())
 
 
-def test_an_unreachable_tracking_server_fails_in_seconds_naming_the_uri(stage_env, tmp_path, write_params):
+def test_an_unreachable_tracking_server_fails_in_seconds_naming_the_uri(
+    stage_env, tmp_path, write_params
+):
     data, env, _ = stage_env
     uri = f"http://127.0.0.1:{free_port()}"
     env = dict(env, MLFLOW_TRACKING_URI=uri)
-    result = subprocess.run(train_cmd(write_params({"train.epochs": 10000}), data, tmp_path / "m"),
-                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=180)
+    result = subprocess.run(
+        train_cmd(write_params({"train.epochs": 10000}), data, tmp_path / "m"),
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
     assert result.returncode == 1
-    assert result.stderr.strip().splitlines()[-1].startswith(f"error: MLflow tracking URI {uri}: cannot be used")
+    assert (
+        result.stderr.strip()
+        .splitlines()[-1]
+        .startswith(f"error: MLflow tracking URI {uri}: cannot be used")
+    )
     assert "Epoch 1/" not in result.stdout and "Traceback" not in result.stderr
 
 
-def test_two_pipelines_and_an_open_ui_share_one_sqlite_store_losing_nothing(stage_env, tmp_path, write_params):
+def test_two_pipelines_and_an_open_ui_share_one_sqlite_store_losing_nothing(
+    stage_env, tmp_path, write_params
+):
     data, env, uri = stage_env
     # Create the store first, as `make run` would have, then open the UI on it.
-    subprocess.run(train_cmd(write_params({"train.epochs": 1}, name="warm.yaml"), data, tmp_path / "w"),
-                   cwd=tmp_path, env=env, check=True, capture_output=True, timeout=300)
+    subprocess.run(
+        train_cmd(write_params({"train.epochs": 1}, name="warm.yaml"), data, tmp_path / "w"),
+        cwd=tmp_path,
+        env=env,
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
     port = free_port()
-    ui = subprocess.Popen([sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri,
-                           "--host", "127.0.0.1", "--port", str(port)],
-                          cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ui = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "mlflow",
+            "ui",
+            "--backend-store-uri",
+            uri,
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+        ],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         search = f"http://127.0.0.1:{port}/api/2.0/mlflow/runs/search"
         body = json.dumps({"experiment_ids": ["1"], "max_results": 100}).encode()
@@ -120,15 +189,28 @@ def test_two_pipelines_and_an_open_ui_share_one_sqlite_store_losing_nothing(stag
             except OSError:
                 time.sleep(0.5)
         writers = [
-            subprocess.Popen(train_cmd(write_params({"train.epochs": 5, "train.seed": seed}, name=f"p{seed}.yaml"),
-                                       data, tmp_path / f"m{seed}"),
-                             cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            subprocess.Popen(
+                train_cmd(
+                    write_params({"train.epochs": 5, "train.seed": seed}, name=f"p{seed}.yaml"),
+                    data,
+                    tmp_path / f"m{seed}",
+                ),
+                cwd=tmp_path,
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
             for seed in (1, 2)
         ]
         polls = 0
         while any(w.poll() is None for w in writers) and polls < 600:
-            request = urllib.request.Request(search, data=body, headers={"Content-Type": "application/json"})
-            with urllib.request.urlopen(request, timeout=10) as response:  # a reader, like a browser
+            request = urllib.request.Request(
+                search, data=body, headers={"Content-Type": "application/json"}
+            )
+            with urllib.request.urlopen(
+                request, timeout=10
+            ) as response:  # a reader, like a browser
                 assert response.status == 200
             polls += 1
             time.sleep(0.2)

@@ -1,4 +1,4 @@
-"""Queued sweeps: `dvc exp run --queue` + `dvc queue start -j 2` into the repo's one MLflow store."""
+"""Queued sweeps: `dvc exp run --queue` + `dvc queue start -j 2`, all into the repo's store."""
 
 from __future__ import annotations
 
@@ -19,8 +19,21 @@ def test_four_queued_experiments_on_two_workers_all_land_in_the_repos_store(tmp_
     commit(root, env, "baseline")
     # As `make sweep` does it: forced, and the grid includes the baseline's own configuration
     # (units 16, lr 0.01), which DVC's run-cache would otherwise restore without logging a run.
-    run(["dvc", "exp", "run", "--queue", "-f", "-S", "train.units=16,12",
-         "-S", "train.learning_rate=0.01,0.02"], root, env)
+    run(
+        [
+            "dvc",
+            "exp",
+            "run",
+            "--queue",
+            "-f",
+            "-S",
+            "train.units=16,12",
+            "-S",
+            "train.learning_rate=0.01,0.02",
+        ],
+        root,
+        env,
+    )
     run(["dvc", "queue", "start", "-j", "2"], root, env)
     deadline = time.monotonic() + 600
     while True:
@@ -38,14 +51,16 @@ def test_four_queued_experiments_on_two_workers_all_land_in_the_repos_store(tmp_
     swept = [r for r in runs if r.data.tags.get("dvc.dvc_exp_name")]
     assert len(swept) == 4, [r.info.run_name for r in runs]
     assert all(r.info.status == "FINISHED" for r in swept)
-    assert {(r.data.params["train.units"], r.data.params["train.learning_rate"]) for r in swept} == {
-        ("16", "0.01"), ("16", "0.02"), ("12", "0.01"), ("12", "0.02")
-    }
+    assert {
+        (r.data.params["train.units"], r.data.params["train.learning_rate"]) for r in swept
+    } == {("16", "0.01"), ("16", "0.02"), ("12", "0.01"), ("12", "0.02")}
     assert all("eval/val_accuracy" in r.data.metrics for r in swept)  # evaluate found each run
     names = {r.data.tags["dvc.dvc_exp_name"] for r in swept}
     shown = run(["dvc", "exp", "show", "--json"], root, env).stdout
     assert all(name in shown for name in names)
     # Nothing was written into the temporary copies DVC ran them in.
     assert not list((root / ".dvc" / "tmp").rglob("mlflow.db"))
-    logs = "".join(run(["dvc", "queue", "logs", name], root, env, check=False).stdout for name in names)
+    logs = "".join(
+        run(["dvc", "queue", "logs", name], root, env, check=False).stdout for name in names
+    )
     assert "database is locked" not in logs

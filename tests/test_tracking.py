@@ -1,7 +1,5 @@
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 
 from mnist_lstm import contracts, tracking
@@ -36,8 +34,16 @@ def test_unusable_store_fails_before_training_with_the_uri(
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     model = tmp_path / "model.keras"
     status = train_main(
-        ["--params", str(write_params({"train.epochs": 50})), "--data", str(data),
-         "--model", str(model), "--history", str(tmp_path / "history.csv")]
+        [
+            "--params",
+            str(write_params({"train.epochs": 50})),
+            "--data",
+            str(data),
+            "--model",
+            str(model),
+            "--history",
+            str(tmp_path / "history.csv"),
+        ]
     )
     captured = capsys.readouterr()
     err = captured.err.strip().splitlines()

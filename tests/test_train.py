@@ -6,7 +6,6 @@ import signal
 import subprocess
 import sys
 import zipfile
-from pathlib import Path
 
 import keras
 import numpy as np
@@ -18,10 +17,13 @@ from mnist_lstm.train import _renumber_shared_objects, save_model
 
 
 def test_shared_object_ids_are_renumbered_consistently():
-    config = {"a": {"shared_object_id": 140275352338256}, "b": [{"shared_object_id": 99},
-              {"shared_object_id": 140275352338256}]}
+    config = {
+        "a": {"shared_object_id": 140275352338256},
+        "b": [{"shared_object_id": 99}, {"shared_object_id": 140275352338256}],
+    }
     assert _renumber_shared_objects(config, {}) == {
-        "a": {"shared_object_id": 1}, "b": [{"shared_object_id": 2}, {"shared_object_id": 1}]
+        "a": {"shared_object_id": 1},
+        "b": [{"shared_object_id": 2}, {"shared_object_id": 1}],
     }
 
 
@@ -46,7 +48,9 @@ def store(tmp_path, monkeypatch):
     return tmp_path
 
 
-@pytest.mark.parametrize(("raised", "status"), [(ValueError, "FAILED"), (KeyboardInterrupt, "KILLED")])
+@pytest.mark.parametrize(
+    ("raised", "status"), [(ValueError, "FAILED"), (KeyboardInterrupt, "KILLED")]
+)
 def test_a_run_that_fails_or_is_interrupted_never_stays_running(store, raised, status):
     import mlflow
 
@@ -63,13 +67,29 @@ def test_sigterm_during_training_stops_it_marks_the_run_killed_and_writes_nothin
 
     data = tmp_path / "processed.npz"
     contracts.save_processed(data, split(tiny_raw, 10))
-    env = dict(os.environ, MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path / 'mlflow.db'}",
-               PYTHONUNBUFFERED="1")
+    env = dict(
+        os.environ, MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path / 'mlflow.db'}", PYTHONUNBUFFERED="1"
+    )
     model, history = tmp_path / "models" / "model.keras", tmp_path / "models" / "history.csv"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "mnist_lstm.train", "--params", str(write_params({"train.epochs": 10000})),
-         "--data", str(data), "--model", str(model), "--history", str(history)],
-        cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        [
+            sys.executable,
+            "-m",
+            "mnist_lstm.train",
+            "--params",
+            str(write_params({"train.epochs": 10000})),
+            "--data",
+            str(data),
+            "--model",
+            str(model),
+            "--history",
+            str(history),
+        ],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     for line in proc.stdout:  # wait until training is under way
         if line.startswith("Epoch 3/"):
@@ -99,15 +119,27 @@ def test_tuning_split_validates_on_the_last_training_images_never_the_validation
         training_splits(data, 120)
 
 
-def test_train_refuses_a_processed_file_tampered_with_between_stages(tiny_raw, tmp_path, write_params, capsys):
+def test_train_refuses_a_processed_file_tampered_with_between_stages(
+    tiny_raw, tmp_path, write_params, capsys
+):
     from mnist_lstm.train import main
 
     processed = split(tiny_raw, 10)
     processed["x_train"] = (processed["x_train"] * 255).astype(np.float32)  # un-normalized pixels
     data = tmp_path / "processed.npz"
     contracts.write_npz(data, processed)
-    status = main(["--params", str(write_params()), "--data", str(data),
-                   "--model", str(tmp_path / "m.keras"), "--history", str(tmp_path / "h.csv")])
+    status = main(
+        [
+            "--params",
+            str(write_params()),
+            "--data",
+            str(data),
+            "--model",
+            str(tmp_path / "m.keras"),
+            "--history",
+            str(tmp_path / "h.csv"),
+        ]
+    )
     assert status == 1
     assert f"error: {data}: array 'x_train' must hold pixels in [0, 1]" in capsys.readouterr().err
     assert not (tmp_path / "m.keras").exists()

@@ -40,7 +40,9 @@ def scratch_path(near: Path, suffix: str = "") -> Iterator[Path]:
     """Yield a temp path beside `near` (same filesystem); it is removed afterwards, always."""
     near = Path(near)
     near.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=near.parent, prefix=f".{near.name}.", suffix=suffix or near.suffix)
+    fd, tmp = tempfile.mkstemp(
+        dir=near.parent, prefix=f".{near.name}.", suffix=suffix or near.suffix
+    )
     os.close(fd)
     try:
         yield Path(tmp)
@@ -103,7 +105,12 @@ def _read_npz(path: Path, keys: tuple[str, ...]) -> dict[str, np.ndarray]:
 
 
 def _check(path: Path, key: str, arr: np.ndarray, dtype: str, shape: tuple) -> None:
-    expected = "(" + ",".join("n" if dim is None else str(dim) for dim in shape) + ("," if len(shape) == 1 else "") + ")"
+    expected = (
+        "("
+        + ",".join("n" if dim is None else str(dim) for dim in shape)
+        + ("," if len(shape) == 1 else "")
+        + ")"
+    )
     ok_shape = arr.ndim == len(shape) and all(e is None or e == a for e, a in zip(shape, arr.shape))
     if arr.dtype != np.dtype(dtype) or not ok_shape:
         raise ContractError(

@@ -12,7 +12,7 @@ EXIT_INTERRUPTED = 130  # the shell's code for a SIGINT death
 
 
 class UserError(Exception):
-    """A mistake the user can fix (bad params, bad data, unreachable store); the message says how."""
+    """A mistake the user can fix (bad params, data or store); the message says how."""
 
     exit_code = EXIT_USER_ERROR
 

@@ -18,9 +18,9 @@ matplotlib.use("Agg")  # files only: no display on servers or CI
 
 import keras  # noqa: E402
 import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.ticker import MaxNLocator  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from mnist_lstm import contracts, tracking  # noqa: E402
 from mnist_lstm.errors import exits_cleanly  # noqa: E402
@@ -96,7 +96,10 @@ def predict_logits(model: keras.Model, x: np.ndarray) -> np.ndarray:
 def score(model: keras.Model, data: dict[str, np.ndarray]) -> dict:
     """Everything evaluate reports, computed from one prediction per split."""
     val_logits = np.concatenate(
-        [predict_logits(model, data["x_val"][i : i + 1024]) for i in range(0, len(data["x_val"]), 1024)]
+        [
+            predict_logits(model, data["x_val"][i : i + 1024])
+            for i in range(0, len(data["x_val"]), 1024)
+        ]
     )
     # The tutorial predicted one image per call; one batched call gives the same digits.
     holdout_logits = predict_logits(model, data["x_holdout"])
@@ -179,7 +182,9 @@ def load_history(path: Path) -> pd.DataFrame:
         raise contracts.ContractError(f"{path}: file not found") from None
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
         raise contracts.ContractError(f"{path}: not a readable CSV ({err})") from None
-    missing = [c for c in ("epoch", "loss", "accuracy", "val_loss", "val_accuracy") if c not in history]
+    missing = [
+        c for c in ("epoch", "loss", "accuracy", "val_loss", "val_accuracy") if c not in history
+    ]
     if missing:
         raise contracts.ContractError(f"{path}: missing column(s) {', '.join(missing)}")
     return history
@@ -228,8 +233,15 @@ def main(argv: list[str] | None = None) -> int:
         tracking.TAG_RAW_MD5: str(provenance.get("raw_md5", "unknown")),
         tracking.TAG_PROCESSED_MD5: contracts.md5_file(args.data),
     }
-    reports = [args.metrics, args.per_class, args.confusion, args.holdout, args.val_predictions,
-               args.confusion_png, args.curves_png]
+    reports = [
+        args.metrics,
+        args.per_class,
+        args.confusion,
+        args.holdout,
+        args.val_predictions,
+        args.confusion_png,
+        args.curves_png,
+    ]
     with tracking.evaluation_run(model_md5, fallback_name=f"evaluate-{model_md5[:12]}") as (
         run_id,
         is_training_run,

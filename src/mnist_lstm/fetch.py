@@ -226,7 +226,9 @@ def provenance(fetched: Fetched, requested: str, raw_path: Path) -> dict:
         "raw_md5": contracts.md5_file(raw_path),  # what dvc.lock records for it
         "source_requested": requested,
         "source": fetched.source,
-        "origin": fetched.origin if fetched.source != "package" else f"{PACKAGE_WHEEL}!{PACKAGE_MEMBER}",
+        "origin": fetched.origin
+        if fetched.source != "package"
+        else f"{PACKAGE_WHEEL}!{PACKAGE_MEMBER}",
         "file_sha256": fetched.file_sha256,
         "arrays_sha256": {key: contracts.sha256_array(arr) for key, arr in fetched.arrays.items()},
         "shapes": {key: list(arr.shape) for key, arr in fetched.arrays.items()},

@@ -60,9 +60,13 @@ def check_metrics(
     checks = []
     for metric, rule in rules.items():
         if metric not in current:
-            raise GateError(f"{current_source}: metric '{metric}' missing (the gate has rules for it)")
+            raise GateError(
+                f"{current_source}: metric '{metric}' missing (the gate has rules for it)"
+            )
         if baseline is not None and metric not in baseline:
-            raise GateError(f"{baseline_source}: metric '{metric}' missing (the gate has rules for it)")
+            raise GateError(
+                f"{baseline_source}: metric '{metric}' missing (the gate has rules for it)"
+            )
         value = float(current[metric])
         base = float(baseline[metric]) if baseline is not None else None
         if rule.limit is not None:
@@ -70,8 +74,14 @@ def check_metrics(
             ok = _worse_by(rule, value, rule.limit) <= _TOLERANCE
             side = "below the floor" if rule.better == "higher" else "above the ceiling"
             checks.append(
-                Check(metric, base, value, f"{sign} {rule.limit:g}", ok,
-                      "" if ok else f"{metric} {value:g} is {side} {rule.limit:g}")
+                Check(
+                    metric,
+                    base,
+                    value,
+                    f"{sign} {rule.limit:g}",
+                    ok,
+                    "" if ok else f"{metric} {value:g} is {side} {rule.limit:g}",
+                )
             )
         if rule.max_regression is not None:
             verb = "drop" if rule.better == "higher" else "rise"
@@ -83,9 +93,17 @@ def check_metrics(
             ok = worse <= rule.max_regression + _TOLERANCE
             verb_past = "dropped" if rule.better == "higher" else "rose"
             checks.append(
-                Check(metric, base, value, label, ok,
-                      "" if ok else f"{metric} {verb_past} {worse:.6g} against {baseline_source}, "
-                      f"more than the allowed {rule.max_regression:g}")
+                Check(
+                    metric,
+                    base,
+                    value,
+                    label,
+                    ok,
+                    ""
+                    if ok
+                    else f"{metric} {verb_past} {worse:.6g} against {baseline_source}, "
+                    f"more than the allowed {rule.max_regression:g}",
+                )
             )
     return checks
 
@@ -138,8 +156,12 @@ def default_baseline(root: Path) -> str:
     """`main` (or `origin/main`, as in a CI checkout of a pull request) when HEAD is elsewhere."""
 
     def rev(name: str) -> str | None:
-        result = subprocess.run(["git", "rev-parse", "--verify", "--quiet", f"{name}^{{commit}}"],
-                                cwd=root, capture_output=True, text=True)
+        result = subprocess.run(
+            ["git", "rev-parse", "--verify", "--quiet", f"{name}^{{commit}}"],
+            cwd=root,
+            capture_output=True,
+            text=True,
+        )
         return result.stdout.strip() if result.returncode == 0 else None
 
     head = rev("HEAD")
@@ -152,9 +174,12 @@ def default_baseline(root: Path) -> str:
 
 def committed_metrics(root: Path, rev: str, path: Path) -> dict[str, float]:
     """The metrics file as committed at `rev`."""
-    relative = Path(path).resolve().relative_to(root.resolve()) if Path(path).is_absolute() else Path(path)
-    result = subprocess.run(["git", "show", f"{rev}:{relative.as_posix()}"], cwd=root,
-                            capture_output=True, text=True)
+    relative = (
+        Path(path).resolve().relative_to(root.resolve()) if Path(path).is_absolute() else Path(path)
+    )
+    result = subprocess.run(
+        ["git", "show", f"{rev}:{relative.as_posix()}"], cwd=root, capture_output=True, text=True
+    )
     if result.returncode != 0:
         why = result.stderr.strip().splitlines()[-1] if result.stderr.strip() else "git failed"
         raise GateError(f"baseline {rev}:{relative.as_posix()}: not committed there ({why})")

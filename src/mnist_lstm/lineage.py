@@ -1,4 +1,6 @@
-"""Where a model came from: `python -m mnist_lstm.lineage [RUN_ID | models:/NAME/VERSION | models:/NAME@ALIAS]`.
+"""Where a model came from.
+
+`python -m mnist_lstm.lineage [RUN_ID | models:/NAME/VERSION | models:/NAME@ALIAS]`
 
 With no argument it explains the current workspace: the run that trained the model file
 `dvc.lock` records. It prints the git commit, the params that differ from `params.yaml` at HEAD,
@@ -45,7 +47,9 @@ def flat_params(doc: dict[str, Any]) -> dict[str, str]:
     for section, values in (doc or {}).items():
         if isinstance(values, dict):
             for key, value in values.items():
-                flat[f"{section}.{key}"] = str(float(value)) if isinstance(value, float) else str(value)
+                flat[f"{section}.{key}"] = (
+                    str(float(value)) if isinstance(value, float) else str(value)
+                )
     return flat
 
 
@@ -69,7 +73,9 @@ def _same(a: str, b: str) -> bool:
         return False
 
 
-def reproduction_verdict(run_hashes: dict[str, str], workspace_hashes: dict[str, str], dvc_clean: bool | None) -> str:
+def reproduction_verdict(
+    run_hashes: dict[str, str], workspace_hashes: dict[str, str], dvc_clean: bool | None
+) -> str:
     differing = [tag for tag, md5 in run_hashes.items() if workspace_hashes.get(tag) != md5]
     if differing:
         names = ", ".join(LOCKED_OUTPUTS[tag][1] for tag in differing)
@@ -87,7 +93,9 @@ def _git(root: Path, *args: str) -> str | None:
 
 
 def _dvc_status_clean(root: Path) -> bool | None:
-    result = subprocess.run([sys.executable, "-m", "dvc", "status", "--json"], cwd=root, capture_output=True, text=True)
+    result = subprocess.run(
+        [sys.executable, "-m", "dvc", "status", "--json"], cwd=root, capture_output=True, text=True
+    )
     if result.returncode != 0:
         return None
     try:
@@ -118,25 +126,39 @@ def workspace_run_id(root: Path) -> str:
     return found[0]
 
 
-def report(run: dict[str, Any], defaults: dict[str, str], workspace_hashes: dict[str, str], dvc_clean: bool | None) -> list[str]:
+def report(
+    run: dict[str, Any],
+    defaults: dict[str, str],
+    workspace_hashes: dict[str, str],
+    dvc_clean: bool | None,
+) -> list[str]:
     tags = run["tags"]
     started = datetime.datetime.fromtimestamp(run["start_time_ms"] / 1000, tz=datetime.timezone.utc)
+    commit, dirty = tags.get("git.commit", "unknown"), tags.get("git.dirty", "unknown")
     lines = [
-        f"run        {run['run_id']}  {run['name']}  ({run['status']}, started {started:%Y-%m-%d %H:%M:%S} UTC)",
-        f"commit     {tags.get('git.commit', 'unknown')}  (uncommitted changes: {tags.get('git.dirty', 'unknown')})",
+        f"run        {run['run_id']}  {run['name']}  "
+        f"({run['status']}, started {started:%Y-%m-%d %H:%M:%S} UTC)",
+        f"commit     {commit}  (uncommitted changes: {dirty})",
     ]
     if tags.get("dvc.dvc_exp_name"):
-        lines.append(
-            f"experiment {tags['dvc.dvc_exp_name']}  (baseline {tags.get('dvc.dvc_exp_baseline_rev', '?')})"
-        )
+        baseline = tags.get("dvc.dvc_exp_baseline_rev", "?")
+        lines.append(f"experiment {tags['dvc.dvc_exp_name']}  (baseline {baseline})")
     changes = param_changes(run["params"], defaults)
     lines.append("params     " + ("; ".join(changes) if changes else "as in params.yaml at HEAD"))
-    lines.append(f"data       fetched from {tags.get('data.fetch_source', 'unknown')}, raw sha256 {tags.get('data.raw_sha256', 'unknown')}")
+    source, raw_sha = (
+        tags.get("data.fetch_source", "unknown"),
+        tags.get("data.raw_sha256", "unknown"),
+    )
+    lines.append(f"data       fetched from {source}, raw sha256 {raw_sha}")
     for tag, (_, path) in LOCKED_OUTPUTS.items():
         lines.append(f"md5        {path}: {tags.get(tag, 'unknown')}")
-    metrics = {k: v for k, v in sorted(run["metrics"].items()) if k.startswith(tracking.EVAL_PREFIX)}
+    metrics = {
+        k: v for k, v in sorted(run["metrics"].items()) if k.startswith(tracking.EVAL_PREFIX)
+    }
     shown = metrics or dict(sorted(run["metrics"].items()))
-    lines.append("metrics    " + (", ".join(f"{k} {v:.6g}" for k, v in shown.items()) or "none logged"))
+    lines.append(
+        "metrics    " + (", ".join(f"{k} {v:.6g}" for k, v in shown.items()) or "none logged")
+    )
     run_hashes = {tag: tags[tag] for tag in LOCKED_OUTPUTS if tag in tags}
     lines.append("reproduces " + reproduction_verdict(run_hashes, workspace_hashes, dvc_clean))
     return lines
@@ -152,8 +174,17 @@ def main(argv: list[str] | None = None) -> int:
     workspace_hashes = locked_hashes(_read_lock(root))
     run_id = tracking.resolve_run(args.ref) if args.ref else workspace_run_id(root)
     committed = _git(root, "show", "HEAD:params.yaml")
-    defaults_doc = yaml.safe_load(committed) if committed else yaml.safe_load((root / "params.yaml").read_text())
-    lines = report(tracking.describe_run(run_id), flat_params(defaults_doc), workspace_hashes, _dvc_status_clean(root))
+    defaults_doc = (
+        yaml.safe_load(committed)
+        if committed
+        else yaml.safe_load((root / "params.yaml").read_text())
+    )
+    lines = report(
+        tracking.describe_run(run_id),
+        flat_params(defaults_doc),
+        workspace_hashes,
+        _dvc_status_clean(root),
+    )
     print("\n".join(lines))
     return 0
 

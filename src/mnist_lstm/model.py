@@ -69,7 +69,9 @@ def build_model(params: TrainParams, n_train: int = 60_000) -> keras.Model:
     model = keras.Sequential(layers, name="mnist_lstm")
     steps_per_epoch = math.ceil(n_train / params.batch_size)
     model.compile(
-        optimizer=_OPTIMIZERS[params.optimizer](learning_rate=learning_rate(params, steps_per_epoch)),
+        optimizer=_OPTIMIZERS[params.optimizer](
+            learning_rate=learning_rate(params, steps_per_epoch)
+        ),
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
         metrics=["accuracy"],
         # XLA fuses the unrolled cell's small matmuls; running 32 steps per call cuts Python and

@@ -56,7 +56,9 @@ def main(argv: list[str] | None = None) -> int:
     (params,) = load_params(args.params, "normalize")
     processed = split(contracts.load_raw(args.raw), params.holdout_size)
     contracts.save_processed(args.out, processed)
-    counts = ", ".join(f"{name} {len(processed['y_' + name])}" for name in contracts.PROCESSED_SPLITS)
+    counts = ", ".join(
+        f"{name} {len(processed['y_' + name])}" for name in contracts.PROCESSED_SPLITS
+    )
     print(f"normalize: {args.raw} -> {args.out}: {counts}")
     return 0
 

@@ -140,13 +140,17 @@ def _coerce(where: str, value: Any, spec: dict[str, Any]) -> Any:
         expected = "an integer"
     elif kind == "number":
         # YAML 1.1 reads `1e-3` as a string, so a string here is an easy mistake to make.
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        ok = (
+            isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        )
         expected = "a finite number"
         value = float(value) if ok else value
     elif kind == "optional_number":
         if value is None:
             return None if spec["check"](None) else value
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        ok = (
+            isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        )
         expected = "a finite number or null"
         value = float(value) if ok else value
     elif kind == "bool":
@@ -164,7 +168,9 @@ def _coerce(where: str, value: Any, spec: dict[str, Any]) -> Any:
 def parse_section(name: str, raw: Any, source: str = "params.yaml") -> Any:
     """Validate one section's mapping into its dataclass."""
     if not isinstance(raw, dict):
-        raise ParamsError(f"{source}: section '{name}' must be a mapping of keys, got {_describe(raw)}")
+        raise ParamsError(
+            f"{source}: section '{name}' must be a mapping of keys, got {_describe(raw)}"
+        )
     if name == "gate":
         return _parse_gate(raw, source)
     return _parse_fields(SECTIONS[name], name, raw, source)

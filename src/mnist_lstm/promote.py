@@ -1,4 +1,4 @@
-"""Promotion: `python -m mnist_lstm.promote` registers the workspace model only if it beats the gate.
+"""Promotion: `python -m mnist_lstm.promote` registers the workspace model if it passes the gate.
 
 The baseline is the current `champion` of the registered model `mnist-lstm`, with its metrics as
 logged in MLflow (with no champion yet, only the absolute limits apply). When every rule holds,
@@ -32,10 +32,15 @@ def main(argv: list[str] | None = None) -> int:
     current = gate.read_metrics(args.metrics)
     run_id = workspace_run_id(tracking.project_root())
     logged = tracking.logged_metrics(run_id)
-    stale = [k for k in rules.rules if k in logged and not math.isclose(logged[k], current.get(k, math.nan), abs_tol=1e-6)]
+    stale = [
+        k
+        for k in rules.rules
+        if k in logged and not math.isclose(logged[k], current.get(k, math.nan), abs_tol=1e-6)
+    ]
     if stale:
         raise gate.GateError(
-            f"{args.metrics}: {', '.join(stale)} differ from what run {run_id} logged; run `dvc repro`"
+            f"{args.metrics}: {', '.join(stale)} differ from what run {run_id} logged; "
+            "run `dvc repro`"
         )
 
     previous = tracking.champion()
@@ -47,12 +52,16 @@ def main(argv: list[str] | None = None) -> int:
     gate.write_report(args.report, f"Promotion of run {run_id} vs {label}", lines)
     print("\n".join(lines))
     if not gate.passed(checks):
-        print(f"promote: nothing registered; {tracking.CHAMPION} stays at "
-              f"{'version ' + previous['version'] if previous else 'no version'}")
+        print(
+            f"promote: nothing registered; {tracking.CHAMPION} stays at "
+            f"{'version ' + previous['version'] if previous else 'no version'}"
+        )
         return gate.EXIT_FAILED
     version = tracking.promote(run_id, previous["version"] if previous else None)
-    print(f"promote: {tracking.REGISTERED_MODEL} version {version} (run {run_id}) is now "
-          f"@{tracking.CHAMPION}" + (f", was version {previous['version']}" if previous else ""))
+    print(
+        f"promote: {tracking.REGISTERED_MODEL} version {version} (run {run_id}) is now "
+        f"@{tracking.CHAMPION}" + (f", was version {previous['version']}" if previous else "")
+    )
     return 0
 
 

@@ -95,7 +95,9 @@ def connect(attempts: int = 5) -> str:
                 time.sleep(0.5 * (attempt + 1))
                 continue
             first_line = text.strip().splitlines()[0] if text.strip() else type(err).__name__
-            raise TrackingError(f"MLflow tracking URI {uri}: cannot be used ({first_line})") from None
+            raise TrackingError(
+                f"MLflow tracking URI {uri}: cannot be used ({first_line})"
+            ) from None
     raise AssertionError("unreachable")
 
 
@@ -220,7 +222,9 @@ def fail_orphaned_runs() -> list[str]:
         tags = run.data.tags
         pid = tags.get(TAG_PID, "")
         if tags.get(TAG_HOST) == host and pid.isdigit() and not _alive(int(pid)):
-            client.set_tag(run.info.run_id, "mnist_lstm.orphaned", f"process {pid} died while running")
+            client.set_tag(
+                run.info.run_id, "mnist_lstm.orphaned", f"process {pid} died while running"
+            )
             client.set_terminated(run.info.run_id, status="FAILED")
             orphaned.append(run.info.run_id)
     return orphaned
@@ -233,7 +237,9 @@ def _run(**start_kwargs: Any) -> Iterator[mlflow.ActiveRun]:
         **start_kwargs.pop("tags", {}),
         **_owner_tags(),
         # MLflow records the absolute script path here; the module name says as much, portably.
-        "mlflow.source.name": os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else "python",
+        "mlflow.source.name": os.path.basename(sys.argv[0])
+        if sys.argv and sys.argv[0]
+        else "python",
     }
     run = mlflow.start_run(**start_kwargs, tags=tags)
     try:
@@ -306,9 +312,7 @@ def evaluation_run(model_md5: str, fallback_name: str) -> Iterator[tuple[str, bo
         yield run.info.run_id, False
 
 
-def log_evaluation(
-    metrics: dict[str, float], artifacts: list[Path], tags: dict[str, str]
-) -> None:
+def log_evaluation(metrics: dict[str, float], artifacts: list[Path], tags: dict[str, str]) -> None:
     """Final metrics, report files and data lineage tags into the active run.
 
     Metrics go under `eval/` (`eval/val_accuracy`): plain `val_accuracy` is training's per-epoch
@@ -389,7 +393,11 @@ def champion() -> dict[str, Any] | None:
 def logged_metrics(run_id: str) -> dict[str, float]:
     """The final evaluation metrics a run logged, named as in reports/metrics.json."""
     metrics = mlflow.MlflowClient().get_run(run_id).data.metrics
-    return {key[len(EVAL_PREFIX) :]: value for key, value in metrics.items() if key.startswith(EVAL_PREFIX)}
+    return {
+        key[len(EVAL_PREFIX) :]: value
+        for key, value in metrics.items()
+        if key.startswith(EVAL_PREFIX)
+    }
 
 
 def promote(run_id: str, previous_version: str | None) -> str:

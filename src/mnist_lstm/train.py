@@ -154,9 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--history", type=Path, required=True)
     args = parser.parse_args(argv)
 
-    fetch_params, normalize_params, params = load_params(
-        args.params, "fetch", "normalize", "train"
-    )
+    fetch_params, normalize_params, params = load_params(args.params, "fetch", "normalize", "train")
     data = contracts.load_processed(args.data)
     set_seed(params.seed)
     (x_fit, _), _ = training_splits(data, params.tuning_split)  # refuses a bad split up front
