@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
@@ -137,3 +138,15 @@ def commit(root: Path, env: dict[str, str], message: str) -> None:
 def stages_run(result: subprocess.CompletedProcess) -> list[str]:
     """The stages a `dvc repro` actually executed, in order."""
     return re.findall(r"^Running stage '([^']+)':", result.stdout, re.MULTILINE)
+
+
+@contextlib.contextmanager
+def edited(path: Path, old: str, new: str):
+    """`path` with its first `old` replaced by `new` inside the block; restored afterwards."""
+    original = path.read_text()
+    assert old in original
+    path.write_text(original.replace(old, new, 1))
+    try:
+        yield
+    finally:
+        path.write_text(original)

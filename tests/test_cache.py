@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import ast
-import contextlib
 from pathlib import Path
 
 import pytest
 import yaml
 
-from conftest import REPO, make_project, run, stages_run
+from conftest import REPO, edited, make_project, run, stages_run
 
 pytestmark = pytest.mark.e2e
 
@@ -24,17 +23,6 @@ def project(tmp_path_factory):
 def assert_clean(root: Path, env: dict[str, str]) -> None:
     status = run(["dvc", "status"], root, env).stdout
     assert "Data and pipelines are up to date" in status, status
-
-
-@contextlib.contextmanager
-def edited(path: Path, old: str, new: str):
-    original = path.read_text()
-    assert old in original
-    path.write_text(original.replace(old, new, 1))
-    try:
-        yield
-    finally:
-        path.write_text(original)
 
 
 def test_forced_reruns_leave_dvc_lock_and_metrics_byte_identical(project):

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import yaml
 
-from conftest import make_project, run, stages_run
+from conftest import edited, make_project, run, stages_run
 
 pytestmark = pytest.mark.e2e
 
@@ -150,16 +150,11 @@ def test_metrics_show_lists_the_committed_metric_file(project, first_repro):
 
 def test_bad_param_stops_dvc_repro_with_one_clear_line(project, first_repro):
     root, env = project
-    params = root / "params.yaml"
-    original = params.read_text()
-    try:
-        params.write_text(original.replace("epochs: 1", "epochs: '1'"))
+    with edited(root / "params.yaml", "epochs: 1", "epochs: '1'"):
         result = run(["dvc", "repro"], root, env, check=False)
         assert result.returncode != 0
         assert "error: params.yaml: train.epochs must be an integer >= 1, got '1'" in result.stderr
         assert "Traceback" not in result.stderr + result.stdout
-    finally:
-        params.write_text(original)
     # The last good run's outputs come back from DVC's cache without retraining.
     restored = run(["dvc", "repro"], root, env)
     assert "Running stage 'train'" not in restored.stdout
@@ -189,13 +184,8 @@ def test_lineage_of_the_workspace_leads_back_to_commit_data_and_metrics(project,
 
 def test_lineage_says_when_the_workspace_no_longer_reproduces_the_run(project, first_repro):
     root, env = project
-    params = root / "params.yaml"
-    original = params.read_text()
-    try:
-        params.write_text(original.replace("units: 16", "units: 8"))
+    with edited(root / "params.yaml", "units: 16", "units: 8"):
         out = lineage(root, env).stdout
-    finally:
-        params.write_text(original)
     assert "reproduces no: `dvc status` reports changed stages" in out
 
 

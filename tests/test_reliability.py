@@ -50,6 +50,24 @@ def train_cmd(params: Path, data: Path, out: Path) -> list[str]:
     ]
 
 
+def start_training(
+    stage_env, tmp_path: Path, write_params, until: str, stderr=subprocess.PIPE
+) -> tuple[subprocess.Popen, Path]:
+    """A train process with endless epochs, returned once it prints `until` (e.g. "Epoch 3/")."""
+    data, env, _ = stage_env
+    out = tmp_path / "models"
+    proc = subprocess.Popen(
+        train_cmd(write_params({"train.epochs": 10000}), data, out),
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=stderr,
+        text=True,
+    )
+    wait_for_line(proc, until)
+    return proc, out
+
+
 def wait_for_line(proc: subprocess.Popen, prefix: str) -> None:
     for line in proc.stdout:
         if line.startswith(prefix):
@@ -68,16 +86,9 @@ def test_a_run_orphaned_by_kill_9_is_marked_failed_by_the_next_pipeline(
     stage_env, tmp_path, write_params
 ):
     data, env, uri = stage_env
-    out = tmp_path / "models"
-    proc = subprocess.Popen(
-        train_cmd(write_params({"train.epochs": 10000}), data, out),
-        cwd=tmp_path,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
+    proc, out = start_training(
+        stage_env, tmp_path, write_params, "Epoch 3/", stderr=subprocess.DEVNULL
     )
-    wait_for_line(proc, "Epoch 3/")
     proc.kill()  # SIGKILL: no handler runs, the run stays RUNNING in the store
     proc.wait(timeout=30)
     _, (orphan,) = runs(uri)
@@ -104,18 +115,24 @@ def test_a_run_orphaned_by_kill_9_is_marked_failed_by_the_next_pipeline(
     assert (out / "model.keras").exists()
 
 
+def test_sigterm_during_training_stops_it_marks_the_run_killed_and_writes_nothing(
+    stage_env, tmp_path, write_params
+):
+    _, _, uri = stage_env
+    proc, out = start_training(stage_env, tmp_path, write_params, "Epoch 3/")
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130
+    assert "error: interrupted (SIGTERM)" in err and "Traceback" not in err
+    assert not (out / "model.keras").exists() and not (out / "history.csv").exists()
+    assert not [p for p in tmp_path.rglob(".*") if p.is_file()]  # no temp files either
+    _, (run,) = runs(uri)
+    assert run.info.status == "KILLED"
+
+
 def test_sigint_ends_the_run_killed_like_sigterm(stage_env, tmp_path, write_params):
-    data, env, uri = stage_env
-    out = tmp_path / "models"
-    proc = subprocess.Popen(
-        train_cmd(write_params({"train.epochs": 10000}), data, out),
-        cwd=tmp_path,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    wait_for_line(proc, "Epoch 2/")
+    _, _, uri = stage_env
+    proc, out = start_training(stage_env, tmp_path, write_params, "Epoch 2/")
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130 and "error: interrupted (SIGINT)" in err

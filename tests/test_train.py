@@ -1,10 +1,6 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
 import zipfile
 
 import keras
@@ -58,51 +54,6 @@ def test_a_run_that_fails_or_is_interrupted_never_stays_running(store, raised, s
         with tracking.training_run("unit", {"train.units": 1}) as run_id:
             raise raised("boom")
     assert mlflow.MlflowClient().get_run(run_id).info.status == status
-
-
-def test_sigterm_during_training_stops_it_marks_the_run_killed_and_writes_nothing(
-    tiny_raw, tmp_path, write_params
-):
-    import mlflow
-
-    data = tmp_path / "processed.npz"
-    contracts.save_processed(data, split(tiny_raw, 10))
-    env = dict(
-        os.environ, MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path / 'mlflow.db'}", PYTHONUNBUFFERED="1"
-    )
-    model, history = tmp_path / "models" / "model.keras", tmp_path / "models" / "history.csv"
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "mnist_lstm.train",
-            "--params",
-            str(write_params({"train.epochs": 10000})),
-            "--data",
-            str(data),
-            "--model",
-            str(model),
-            "--history",
-            str(history),
-        ],
-        cwd=tmp_path,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    for line in proc.stdout:  # wait until training is under way
-        if line.startswith("Epoch 3/"):
-            break
-    proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=60)
-    assert proc.returncode == 130
-    assert "error: interrupted (SIGTERM)" in err and "Traceback" not in err
-    assert not model.exists() and not history.exists()
-    assert not [p for p in tmp_path.rglob(".*") if p.is_file()]  # no temp files either
-    client = mlflow.MlflowClient(env["MLFLOW_TRACKING_URI"])
-    (run,) = client.search_runs([client.get_experiment_by_name("mnist-lstm").experiment_id])
-    assert run.info.status == "KILLED"
 
 
 def test_tuning_split_validates_on_the_last_training_images_never_the_validation_split(tiny_raw):

@@ -19,7 +19,6 @@ import gzip
 import hashlib
 import io
 import pickle
-import socket
 import sys
 import urllib.error
 import urllib.request
@@ -74,7 +73,7 @@ def download(url: str, expected_sha256: str, timeout_s: float) -> bytes:
             payload = response.read()
     except urllib.error.HTTPError as err:
         raise FetchError(f"{url}: server answered HTTP {err.code}") from None
-    except (urllib.error.URLError, socket.timeout, ConnectionError, OSError) as err:
+    except OSError as err:  # URLError, timeouts, refused connections
         reason = getattr(err, "reason", err)
         raise NetworkUnavailable(f"{url}: network unavailable ({reason})") from None
     digest = hashlib.sha256(payload).hexdigest()

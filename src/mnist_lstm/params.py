@@ -95,7 +95,7 @@ class GateRule:
     limit: float | None = dataclasses.field(metadata=_spec("optional_number"))
     # How far the metric may move the bad way from the baseline.
     max_regression: float | None = dataclasses.field(
-        metadata=_spec("optional_number", ">= 0", lambda v: v is None or v >= 0)
+        metadata=_spec("optional_number", ">= 0", lambda v: v >= 0)
     )
 
     def __post_init__(self) -> None:
@@ -135,23 +135,17 @@ def _describe(value: Any) -> str:
 
 def _coerce(where: str, value: Any, spec: dict[str, Any]) -> Any:
     kind, allowed = spec["kind"], spec["allowed"]
+    if kind == "optional_number" and value is None:
+        return None  # null switches the rule off
     if kind == "int":
         ok = isinstance(value, int) and not isinstance(value, bool)
         expected = "an integer"
-    elif kind == "number":
+    elif kind in ("number", "optional_number"):
         # YAML 1.1 reads `1e-3` as a string, so a string here is an easy mistake to make.
         ok = (
             isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
         )
-        expected = "a finite number"
-        value = float(value) if ok else value
-    elif kind == "optional_number":
-        if value is None:
-            return None if spec["check"](None) else value
-        ok = (
-            isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-        )
-        expected = "a finite number or null"
+        expected = "a finite number" + (" or null" if kind == "optional_number" else "")
         value = float(value) if ok else value
     elif kind == "bool":
         ok = isinstance(value, bool)
