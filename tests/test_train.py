@@ -9,7 +9,7 @@ import pytest
 
 from mnist_lstm import contracts, tracking
 from mnist_lstm.normalize import split
-from mnist_lstm.train import _renumber_shared_objects, save_model
+from mnist_lstm.train import _renumber_shared_objects, save_model, training_batches
 
 
 def test_shared_object_ids_are_renumbered_consistently():
@@ -35,6 +35,34 @@ def test_saved_model_has_no_save_time_and_reloads_predicting_identically(tmp_pat
     reloaded = keras.models.load_model(path, safe_mode=True)
     np.testing.assert_array_equal(reloaded.predict(x, verbose=0), model.predict(x, verbose=0))
     assert [p.name for p in tmp_path.iterdir()] == ["model.keras"]  # no temp files left
+
+
+def epochs_of(dataset, count: int) -> list[list[np.ndarray]]:
+    return [[labels.numpy() for _, labels in dataset] for _ in range(count)]
+
+
+def test_every_image_is_trained_on_each_epoch_in_fixed_size_batches_and_seeded_order():
+    # Labels 0..99 name the images; 100 images in batches of 32 leave a remainder of 4.
+    x = np.arange(100 * 28 * 28, dtype=np.float32).reshape(100, 28, 28)
+    y = np.arange(100)
+    first, second = epochs_of(training_batches(x, y, 32, seed=7), 2)
+    for epoch in (first, second):
+        assert [len(batch) for batch in epoch] == [32, 32, 32, 32]  # ceil(100/32) steps, all full
+        seen = np.concatenate(epoch)
+        assert sorted(set(seen)) == list(range(100))  # every image, every epoch
+        np.testing.assert_array_equal(seen[100:], seen[:28])  # topped up with the epoch's first
+    assert not np.array_equal(np.concatenate(first), np.concatenate(second))  # reshuffled
+    again = epochs_of(training_batches(x, y, 32, seed=7), 2)
+    assert all(np.array_equal(a, b) for a, b in zip(sum(again, []), sum([first, second], [])))
+    # Images travel with their labels.
+    images, labels = next(iter(training_batches(x, y, 32, seed=7)))
+    np.testing.assert_array_equal(images.numpy(), x[labels.numpy()])
+
+
+def test_an_exact_multiple_of_the_batch_size_is_not_topped_up():
+    x = np.zeros((64, 28, 28), np.float32)
+    (epoch,) = epochs_of(training_batches(x, np.arange(64), 32, seed=0), 1)
+    assert sorted(np.concatenate(epoch)) == list(range(64))
 
 
 @pytest.fixture
