@@ -45,7 +45,9 @@ def test_every_image_is_trained_on_each_epoch_in_fixed_size_batches_and_seeded_o
     # Labels 0..99 name the images; 100 images in batches of 32 leave a remainder of 4.
     x = np.arange(100 * 28 * 28, dtype=np.float32).reshape(100, 28, 28)
     y = np.arange(100)
-    first, second = epochs_of(training_batches(x, y, 32, seed=7), 2)
+    dataset = training_batches(x, y, 32, seed=7)
+    assert dataset.cardinality() == 4  # what Keras reports as steps per epoch
+    first, second = epochs_of(dataset, 2)
     for epoch in (first, second):
         assert [len(batch) for batch in epoch] == [32, 32, 32, 32]  # ceil(100/32) steps, all full
         seen = np.concatenate(epoch)

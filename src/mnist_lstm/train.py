@@ -98,6 +98,8 @@ def training_batches(x: np.ndarray, y: np.ndarray, batch_size: int, seed: int) -
         .batch(batch_size, drop_remainder=True)
         .map(lambda index: (tf.gather(images, index), tf.gather(labels, index)))
         .prefetch(tf.data.AUTOTUNE)
+        # `unbatch` hides the length; Keras needs it for its progress and step count.
+        .apply(tf.data.experimental.assert_cardinality(steps))
     )
 
 
