@@ -10,7 +10,7 @@ UI_HOST ?= 127.0.0.1
 # Stage commands in dvc.yaml run `python`: it must be the project's environment.
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
-.PHONY: install run test lint gate promote sweep tuned bench ui lineage lock clean-venv
+.PHONY: install run test lint gate promote sweep tuned bench ui server server-stop serve lineage lock clean-venv
 
 # Reinstalls only when the lock, the package metadata or the data pin changes; otherwise make
 # sees the stamp is newer and does nothing.
@@ -73,6 +73,27 @@ $(TORCH_VENV)/.installed: bench/requirements-torch.txt
 bench: install $(TORCH_VENV)/.installed
 	dvc repro normalize
 	python bench/run.py $(if $(ROUNDS),--rounds $(ROUNDS)) $(if $(EPOCHS),--epochs $(EPOCHS))
+
+# A shared tracking server: PostgreSQL (a cluster in .server/, loopback only) + `mlflow server`
+# with proxied artifacts (ARTIFACTS=s3://bucket/prefix to use object storage instead of
+# .server/artifacts). Prints the URI: `MLFLOW_TRACKING_URI=<it> make run`.
+SERVER_PORT ?= 5001
+PG_PORT ?= 5433
+server: install
+	python -m mnist_lstm.server start --port $(SERVER_PORT) --pg-port $(PG_PORT) \
+		$(if $(ARTIFACTS),--artifacts-destination $(ARTIFACTS))
+
+server-stop: install
+	python -m mnist_lstm.server stop
+
+# Serves models:/mnist-lstm@champion (or MODEL=<uri>) over REST on 127.0.0.1:SERVE_PORT, in this
+# environment (no per-model virtualenv to build, so it works offline). Uses MLFLOW_TRACKING_URI
+# when set, else the repo's store. POST to /invocations; Ctrl-C stops it.
+SERVE_PORT ?= 5002
+MODEL ?= models:/mnist-lstm@champion
+serve: install
+	MLFLOW_TRACKING_URI=$${MLFLOW_TRACKING_URI:-sqlite:///$(CURDIR)/mlflow.db} \
+		mlflow models serve -m '$(MODEL)' --env-manager local --host 127.0.0.1 --port $(SERVE_PORT)
 
 ui: install
 	@echo "MLflow UI: http://$(UI_HOST):$(UI_PORT)  (store: sqlite:///$(CURDIR)/mlflow.db; Ctrl-C stops it)"

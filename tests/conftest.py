@@ -130,6 +130,26 @@ def make_project(root: Path, **overrides) -> tuple[Path, dict[str, str]]:
     return root, env
 
 
+# A config that learns the tiny bands well within seconds, and gate rules sized for its 30
+# validation images: for tests that need a model good enough to promote.
+LEARNS = dict(
+    train__optimizer="adam", train__learning_rate=0.02, train__epochs=10, train__batch_size=16
+)
+TINY_GATE = {
+    "val_accuracy": {"better": "higher", "limit": 0.5, "max_regression": 0.05},
+    "val_loss": {"better": "lower", "limit": None, "max_regression": 0.5},
+}
+
+
+def make_promotable_project(root: Path) -> tuple[Path, dict[str, str]]:
+    root, env = make_project(root, **LEARNS)
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params["gate"] = TINY_GATE
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    commit(root, env, "gate sized for tiny data")
+    return root, env
+
+
 def commit(root: Path, env: dict[str, str], message: str) -> None:
     run(["git", "add", "-A"], root, env)
     run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", message], root, env)

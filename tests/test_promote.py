@@ -6,29 +6,15 @@ import json
 
 import numpy as np
 import pytest
-import yaml
 
-from conftest import commit, make_project, run
+from conftest import commit, make_promotable_project, run
 
 pytestmark = pytest.mark.e2e
 
 
 @pytest.fixture(scope="module")
 def project(tmp_path_factory):
-    # A config that learns the tiny bands well, and gate rules sized for 30 validation images.
-    root, env = make_project(
-        tmp_path_factory.mktemp("promote"),
-        train__optimizer="adam",
-        train__learning_rate=0.02,
-        train__epochs=10,
-        train__batch_size=16,
-    )
-    params = yaml.safe_load((root / "params.yaml").read_text())
-    params["gate"] = {
-        "val_accuracy": {"better": "higher", "limit": 0.5, "max_regression": 0.05},
-        "val_loss": {"better": "lower", "limit": None, "max_regression": 0.5},
-    }
-    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    root, env = make_promotable_project(tmp_path_factory.mktemp("promote"))
     run(["dvc", "repro"], root, env)
     commit(root, env, "baseline run")  # dvc.lock and reports/metrics.json, as a user would
     return root, env

@@ -1,0 +1,140 @@
+"""Shared tracking: the pipeline against a real `mlflow server` on a real PostgreSQL cluster.
+
+Started by `python -m mnist_lstm.server` (what `make server` runs) on free loopback ports; the test
+reads everything back over the server's REST API and its artifact proxy, as a teammate would.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import tempfile
+import urllib.parse
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from conftest import BIN, make_promotable_project, run
+
+pytestmark = pytest.mark.e2e
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def have_postgres() -> bool:
+    from mnist_lstm.errors import UserError
+    from mnist_lstm.server import postgres_bin
+
+    try:
+        postgres_bin()
+    except UserError:
+        return False
+    return True
+
+
+# CI installs PostgreSQL (.ci/run): there a missing server is a failure, not a skip.
+needs_postgres = pytest.mark.skipif(
+    not have_postgres() and not os.environ.get("CI"),
+    reason="PostgreSQL is not installed (apt-get install postgresql; .ci/run does it)",
+)
+
+
+@pytest.fixture(scope="module")
+def server():
+    # Not under pytest's tmp folder: that is private to root, and PostgreSQL runs as `postgres`.
+    parent = Path(tempfile.mkdtemp(prefix="mnist-lstm-server-"))
+    parent.chmod(0o755)
+    state = parent / "state"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    env["PATH"] = f"{BIN}{os.pathsep}{env['PATH']}"
+    cmd = [str(BIN / "python"), "-m", "mnist_lstm.server"]
+    started = run(
+        [
+            *cmd,
+            "start",
+            "--state",
+            str(state),
+            "--port",
+            str(free_port()),
+            "--pg-port",
+            str(free_port()),
+        ],
+        state.parent,
+        env,
+    )
+    uri = (state / "uri").read_text().strip()
+    assert f"MLflow tracking server: {uri}" in started.stdout
+    try:
+        yield uri, state
+    finally:
+        stopped = run([*cmd, "stop", "--state", str(state)], state.parent, env)
+        shutil.rmtree(parent, ignore_errors=True)
+        assert "stopped: mlflow server, PostgreSQL" in stopped.stdout
+
+
+def rest(uri: str, endpoint: str, body: dict | None = None, **query) -> dict:
+    url = f"{uri}/api/2.0/mlflow/{endpoint}"
+    if query:
+        url += "?" + urllib.parse.urlencode(query)
+    data = json.dumps(body).encode() if body is not None else None
+    request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=30) as response:
+        return json.load(response)
+
+
+@needs_postgres
+def test_pipeline_logs_to_the_shared_server_and_promotes_in_its_registry(server, tmp_path):
+    uri, state = server
+    root, env = make_promotable_project(tmp_path / "project")
+    env["MLFLOW_TRACKING_URI"] = uri
+    run(["dvc", "repro"], root, env)
+
+    # Nothing went to a local store: the run is on the server, in PostgreSQL.
+    assert not (root / "mlflow.db").exists() and not (root / "mlartifacts").exists()
+    experiment = rest(uri, "experiments/get-by-name", experiment_name="mnist-lstm")["experiment"]
+    (found,) = rest(uri, "runs/search", {"experiment_ids": [experiment["experiment_id"]]})["runs"]
+    tags = {t["key"]: t["value"] for t in found["data"]["tags"]}
+    params = {p["key"]: p["value"] for p in found["data"]["params"]}
+    metrics = {m["key"]: m["value"] for m in found["data"]["metrics"]}
+    lock = yaml.safe_load((root / "dvc.lock").read_text())
+    model_md5 = next(
+        o["md5"] for o in lock["stages"]["train"]["outs"] if o["path"].endswith(".keras")
+    )
+    assert tags["dvc.model_md5"] == model_md5
+    assert params["train.epochs"] == "10" and params["train.units"] == "16"
+    local = json.loads((root / "reports" / "metrics.json").read_text())
+    assert metrics["eval/val_accuracy"] == pytest.approx(local["val_accuracy"])
+    assert found["info"]["status"] == "FINISHED"
+
+    # The model went through the server's artifact proxy into its artifacts folder, and loads.
+    import mlflow
+
+    mlflow.set_tracking_uri(uri)
+    (logged,) = mlflow.search_logged_models(
+        experiment_ids=[experiment["experiment_id"]], output_format="list"
+    )
+    assert logged.source_run_id == found["info"]["run_id"]
+    assert any(path.name == "model.keras" for path in (state / "artifacts").rglob("*"))
+    served = mlflow.keras.load_model(f"models:/{logged.model_id}")
+    import keras
+
+    ours = keras.models.load_model(root / "models" / "model.keras")
+    with np.load(root / "data" / "processed" / "mnist.npz") as data:
+        x = data["x_holdout"]
+    np.testing.assert_allclose(served.predict(x, verbose=0), ours.predict(x, verbose=0), atol=1e-6)
+
+    # Promotion uses the server's registry.
+    promoted = run(["python", "-m", "mnist_lstm.promote"], root, env)
+    assert "is now @champion" in promoted.stdout
+    alias = rest(uri, "registered-models/alias", name="mnist-lstm", alias="champion")
+    assert alias["model_version"]["version"] == "1"
+    assert alias["model_version"]["run_id"] == found["info"]["run_id"]
