@@ -22,6 +22,7 @@ TUTORIAL = TrainParams(
     schedule="constant",
     augment_shift=0,
     tuning_split=0,
+    distribute="auto",
 )
 
 

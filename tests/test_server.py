@@ -9,13 +9,17 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import socket
+import subprocess
 import tempfile
+import time
 import urllib.parse
 import urllib.request
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import yaml
 
@@ -91,13 +95,21 @@ def rest(uri: str, endpoint: str, body: dict | None = None, **query) -> dict:
         return json.load(response)
 
 
-@needs_postgres
-def test_pipeline_logs_to_the_shared_server_and_promotes_in_its_registry(server, tmp_path):
-    uri, state = server
-    root, env = make_promotable_project(tmp_path / "project")
+@pytest.fixture(scope="module")
+def promoted(server, tmp_path_factory):
+    """The pipeline run against the server, then promoted there: what a teammate does."""
+    uri, _ = server
+    root, env = make_promotable_project(tmp_path_factory.mktemp("project"))
     env["MLFLOW_TRACKING_URI"] = uri
     run(["dvc", "repro"], root, env)
+    promoted = run(["python", "-m", "mnist_lstm.promote"], root, env)
+    return root, env, promoted
 
+
+@needs_postgres
+def test_pipeline_logs_to_the_shared_server_and_promotes_in_its_registry(server, promoted):
+    uri, state = server
+    root, env, promotion = promoted
     # Nothing went to a local store: the run is on the server, in PostgreSQL.
     assert not (root / "mlflow.db").exists() and not (root / "mlartifacts").exists()
     experiment = rest(uri, "experiments/get-by-name", experiment_name="mnist-lstm")["experiment"]
@@ -132,9 +144,62 @@ def test_pipeline_logs_to_the_shared_server_and_promotes_in_its_registry(server,
         x = data["x_holdout"]
     np.testing.assert_allclose(served.predict(x, verbose=0), ours.predict(x, verbose=0), atol=1e-6)
 
-    # Promotion uses the server's registry.
-    promoted = run(["python", "-m", "mnist_lstm.promote"], root, env)
-    assert "is now @champion" in promoted.stdout
+    # Promotion used the server's registry.
+    assert "is now @champion" in promotion.stdout
     alias = rest(uri, "registered-models/alias", name="mnist-lstm", alias="champion")
     assert alias["model_version"]["version"] == "1"
     assert alias["model_version"]["run_id"] == found["info"]["run_id"]
+
+
+@needs_postgres
+def test_make_serve_answers_with_the_champions_digits_for_real_holdout_images(server, promoted):
+    uri, _ = server
+    root, env, _ = promoted
+    port = free_port()
+    # The command `make serve` runs, against the shared registry.
+    serving = subprocess.Popen(
+        [
+            "mlflow",
+            "models",
+            "serve",
+            "-m",
+            "models:/mnist-lstm@champion",
+            "--env-manager",
+            "local",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+        ],
+        cwd=root,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        for _ in range(240):
+            assert serving.poll() is None, serving.stderr.read()
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2)
+                break
+            except OSError:
+                time.sleep(0.5)
+        with np.load(root / "data" / "processed" / "mnist.npz") as data:
+            x, labels = data["x_holdout"], data["y_holdout"]
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{port}/invocations",
+            data=json.dumps({"inputs": x.tolist()}).encode(),
+            headers={"Content-Type": "application/json"},
+        )
+        with urllib.request.urlopen(request, timeout=60) as response:
+            logits = np.array(json.load(response)["predictions"])
+    finally:
+        os.killpg(serving.pid, signal.SIGTERM)
+        serving.wait(timeout=30)
+    assert logits.shape == (len(labels), 10)
+    holdout = pd.read_csv(root / "reports" / "holdout_predictions.csv")
+    # The served champion answers what evaluate predicted, and that is the right digit.
+    np.testing.assert_array_equal(logits.argmax(axis=1), holdout["prediction"])
+    np.testing.assert_array_equal(logits.argmax(axis=1), labels)

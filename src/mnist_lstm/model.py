@@ -34,8 +34,12 @@ def learning_rate(
     return params.learning_rate
 
 
-def build_model(params: TrainParams, n_train: int = 60_000) -> keras.Model:
-    """The row-reading LSTM classifier, compiled as the tutorial compiles it."""
+def build_model(params: TrainParams, n_train: int = 60_000, replicas: int = 1) -> keras.Model:
+    """The row-reading LSTM classifier, compiled as the tutorial compiles it.
+
+    `replicas` devices each take `batch_size` images per step (the global batch), so an epoch has
+    ceil(n_train / (batch_size * replicas)) steps; build it inside the strategy's scope.
+    """
     # A fixed length of 28 rows (the tutorial allows None) lets the LSTM unroll the same way every
     # batch; the weights are identical either way.
     layers: list = [keras.Input(shape=IMAGE_SHAPE, name="rows")]
@@ -67,7 +71,7 @@ def build_model(params: TrainParams, n_train: int = 60_000) -> keras.Model:
     # Logits, not probabilities: the loss applies the softmax itself (from_logits=True).
     layers.append(keras.layers.Dense(NUM_CLASSES, name="logits"))
     model = keras.Sequential(layers, name="mnist_lstm")
-    steps_per_epoch = math.ceil(n_train / params.batch_size)
+    steps_per_epoch = math.ceil(n_train / (params.batch_size * replicas))
     model.compile(
         optimizer=_OPTIMIZERS[params.optimizer](
             learning_rate=learning_rate(params, steps_per_epoch)
@@ -78,6 +82,8 @@ def build_model(params: TrainParams, n_train: int = 60_000) -> keras.Model:
         # of 64 (same math, same batches). No XLA: Keras switches it off under op determinism,
         # which byte-identical reruns need.
         jit_compile=False,
-        steps_per_execution=STEPS_PER_EXECUTION,
+        # Keras 3.15's multi-step loop fails under MirroredStrategy ("You must feed a value for
+        # placeholder tensor ... while/cond"): one step per call there.
+        steps_per_execution=STEPS_PER_EXECUTION if replicas == 1 else 1,
     )
     return model

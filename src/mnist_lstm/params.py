@@ -23,6 +23,7 @@ KERAS_MNIST_URL = "https://storage.googleapis.com/tensorflow/tf-keras-datasets/m
 FETCH_SOURCES = ("auto", "keras", "package", "path")
 OPTIMIZERS = ("sgd", "adam", "rmsprop")
 SCHEDULES = ("constant", "cosine")
+DISTRIBUTE = ("auto", "off")
 # The holdout comes from the 10,000 test images and validation needs at least one of them.
 MAX_HOLDOUT = 9999
 
@@ -79,6 +80,9 @@ class TrainParams:
     )
     augment_shift: int = dataclasses.field(metadata=_spec("int", "0..8", lambda v: 0 <= v <= 8))
     tuning_split: int = dataclasses.field(metadata=_spec("int", ">= 0", lambda v: v >= 0))
+    distribute: str = dataclasses.field(
+        metadata=_spec("choice", "one of " + ", ".join(DISTRIBUTE), lambda v: v in DISTRIBUTE)
+    )
 
 
 DIRECTIONS = ("higher", "lower")

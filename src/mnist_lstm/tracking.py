@@ -422,3 +422,15 @@ def promote(run_id: str, previous_version: str | None) -> str:
     )
     client.set_registered_model_alias(REGISTERED_MODEL, CHAMPION, version.version)
     return str(version.version)
+
+
+def load_model(uri: str) -> keras.Model:
+    """A Keras model from an MLflow URI (`models:/mnist-lstm@champion`, `runs:/…`, `models:/m-…`),
+    read from the configured tracking server or the repo's store."""
+    mlflow.set_tracking_uri(tracking_uri())
+    try:
+        return mlflow.keras.load_model(uri)
+    except MlflowException as err:
+        raise TrackingError(f"{uri}: cannot load from {tracking_uri()} ({err.message})") from None
+    except OSError as err:
+        raise TrackingError(f"{uri}: cannot load from {tracking_uri()} ({err})") from None

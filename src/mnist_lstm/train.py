@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 import zipfile
@@ -25,11 +26,13 @@ import pandas as pd
 import tensorflow as tf
 
 from mnist_lstm import contracts, tracking
-from mnist_lstm.errors import exits_cleanly
+from mnist_lstm.errors import UserError, exits_cleanly
 from mnist_lstm.model import build_model
 from mnist_lstm.params import ParamsError, TrainParams, flatten, load_params
 
 HISTORY_COLUMNS = ("epoch", "loss", "accuracy", "val_loss", "val_accuracy")
+# Splits the CPU into N logical devices: multi-device training, testable without a second device.
+CPU_DEVICES_ENV = "MNIST_LSTM_CPU_DEVICES"
 
 
 def set_seed(seed: int) -> None:
@@ -40,6 +43,31 @@ def set_seed(seed: int) -> None:
     """
     keras.utils.set_random_seed(seed)
     tf.config.experimental.enable_op_determinism()
+
+
+def split_cpu(env: dict[str, str]) -> None:
+    """Honour MNIST_LSTM_CPU_DEVICES=N before TensorFlow touches a device."""
+    value = env.get(CPU_DEVICES_ENV)
+    if value is None:
+        return
+    if not value.isdigit() or int(value) < 1:
+        raise UserError(f"{CPU_DEVICES_ENV} must be a whole number >= 1, got {value!r}")
+    cpu = tf.config.list_physical_devices("CPU")[0]
+    tf.config.set_logical_device_configuration(
+        cpu, [tf.config.LogicalDeviceConfiguration() for _ in range(int(value))]
+    )
+
+
+def strategy_for(params: TrainParams) -> tf.distribute.Strategy:
+    """With `distribute: auto` and more than one device visible (GPUs, else logical CPUs), a
+    MirroredStrategy: a model replica per device, gradients all-reduced every step. Otherwise
+    TensorFlow's default, one device."""
+    devices = [d.name for d in tf.config.list_logical_devices("GPU")] or [
+        d.name for d in tf.config.list_logical_devices("CPU")
+    ]
+    if params.distribute == "off" or len(devices) < 2:
+        return tf.distribute.get_strategy()
+    return tf.distribute.MirroredStrategy(devices)
 
 
 def run_name(params: TrainParams) -> str:
@@ -109,11 +137,13 @@ def fit(
     params: TrainParams,
     callbacks: list[keras.callbacks.Callback],
     verbose: int | str = "auto",
+    replicas: int = 1,
 ) -> pd.DataFrame:
-    """Train as the tutorial does; the per-epoch history as a table."""
+    """Train as the tutorial does; the per-epoch history as a table. With several replicas each
+    step takes `batch_size` images per replica, the dataset yields the global batch."""
     (x_train, y_train), validation = training_splits(data, params.tuning_split)
     history = model.fit(
-        training_batches(x_train, y_train, params.batch_size, params.seed),
+        training_batches(x_train, y_train, params.batch_size * replicas, params.seed),
         validation_data=validation,
         # Validation only predicts: big batches make it cheap, and the batch size does not change
         # what it measures.
@@ -186,18 +216,26 @@ def main(argv: list[str] | None = None) -> int:
 
     fetch_params, normalize_params, params = load_params(args.params, "fetch", "normalize", "train")
     data = contracts.load_processed(args.data)
+    split_cpu(dict(os.environ))
     set_seed(params.seed)
     (x_fit, _), _ = training_splits(data, params.tuning_split)  # refuses a bad split up front
-    model = build_model(params, n_train=len(x_fit))
+    strategy = strategy_for(params)
+    replicas = strategy.num_replicas_in_sync
+    with strategy.scope():
+        model = build_model(params, n_train=len(x_fit), replicas=replicas)
     model.summary()
+    logged = flatten(fetch_params, normalize_params, params)
+    logged.update(
+        {"train.replicas": replicas, "train.global_batch_size": params.batch_size * replicas}
+    )
 
-    with tracking.training_run(
-        run_name(params), flatten(fetch_params, normalize_params, params)
-    ) as run_id:
+    with tracking.training_run(run_name(params), logged) as run_id:
         started = time.perf_counter()
         # One line per epoch when DVC captures the output; the live bar on a terminal.
         verbose = "auto" if sys.stdout.isatty() else 2
-        history = fit(model, data, params, [tracking.EpochMetrics()], verbose=verbose)
+        history = fit(
+            model, data, params, [tracking.EpochMetrics()], verbose=verbose, replicas=replicas
+        )
         seconds = time.perf_counter() - started
         model_md5 = save_model(args.model, model)
         save_history(args.history, history)
@@ -212,7 +250,8 @@ def main(argv: list[str] | None = None) -> int:
             epochs=len(history),
         )
     print(
-        f"train: {len(history)} epochs in {seconds:.1f}s ({seconds / len(history):.2f}s/epoch), "
+        f"train: {len(history)} epochs on {replicas} device(s) in {seconds:.1f}s "
+        f"({seconds / len(history):.2f}s/epoch), "
         f"val_accuracy {history['val_accuracy'].iloc[-1]:.4f}; model -> {args.model}; "
         f"MLflow run {run_id}"
     )

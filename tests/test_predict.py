@@ -1,0 +1,107 @@
+"""The predict CLI: any-size PNG/JPEG -> an MNIST-looking 28x28 image -> digit and confidence."""
+
+from __future__ import annotations
+
+import keras
+import numpy as np
+import pytest
+from PIL import Image
+
+from mnist_lstm.predict import ImageError, main, to_mnist
+
+
+def mnist_like_seven() -> np.ndarray:
+    """A 28x28 '7' in [0, 1], white on black (not centred the MNIST way: to_mnist does that)."""
+    x = np.zeros((28, 28), np.float32)
+    x[5:8, 6:24] = 1.0  # the bar
+    for row in range(8, 24):  # the stem, leaning left as it goes down
+        col = 22 - (row - 8) // 2
+        x[row, col - 1 : col + 2] = 1.0
+    return x
+
+
+def as_photo(digit: np.ndarray, size: int, light_paper: bool) -> Image.Image:
+    """The digit as a person's picture would be: big, maybe dark ink on white, off-centre."""
+    big = np.asarray(
+        Image.fromarray((digit * 255).astype(np.uint8)).resize((size, size), Image.BILINEAR)
+    )
+    canvas = np.zeros((size + 60, size + 20), np.uint8)
+    canvas[50 : 50 + size, 5 : 5 + size] = big
+    return Image.fromarray(255 - canvas if light_paper else canvas)
+
+
+def correlation(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.corrcoef(a.ravel(), b.ravel())[0, 1])
+
+
+@pytest.mark.parametrize("light_paper", [False, True])
+def test_a_big_off_centre_picture_becomes_the_mnist_image_it_came_from(light_paper):
+    digit = mnist_like_seven()
+    gray = np.asarray(as_photo(digit, 280, light_paper), dtype=np.float32)
+    x = to_mnist(gray)
+    assert x.shape == (28, 28) and x.dtype == np.float32
+    assert x.min() == 0.0 and 0.9 < x.max() <= 1.0
+    # MNIST's framing: the digit's longer side is 20 pixels, its centre of mass the centre.
+    rows, cols = np.nonzero(x > 0.2)
+    assert max(np.ptp(rows), np.ptp(cols)) + 1 in (19, 20, 21)
+    ys, xs = np.indices(x.shape)
+    assert abs((ys * x).sum() / x.sum() - 14) <= 1 and abs((xs * x).sum() / x.sum() - 14) <= 1
+    # The same picture as the small original gets (white on black, whatever the paper was).
+    assert correlation(x, to_mnist(digit * 255)) > 0.9
+
+
+def test_light_and_dark_paper_give_the_same_image():
+    digit = mnist_like_seven()
+    dark, light = (
+        to_mnist(np.asarray(as_photo(digit, 150, paper), dtype=np.float32))
+        for paper in (False, True)
+    )
+    np.testing.assert_allclose(dark, light, atol=1e-6)
+
+
+def test_a_blank_picture_is_refused():
+    with pytest.raises(ImageError, match="no digit found"):
+        to_mnist(np.full((40, 40), 200, np.float32), "blank.png")
+
+
+@pytest.fixture
+def model_file(tmp_path):
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((28, 28)), keras.layers.LSTM(8), keras.layers.Dense(10)])
+    path = tmp_path / "model.keras"
+    model.save(path)
+    return path, model
+
+
+def test_cli_predicts_each_good_file_and_reports_each_bad_one(tmp_path, model_file, capsys):
+    path, model = model_file
+    good_png, good_jpg = tmp_path / "seven.png", tmp_path / "seven.jpg"
+    as_photo(mnist_like_seven(), 200, light_paper=True).save(good_png)
+    as_photo(mnist_like_seven(), 90, light_paper=False).convert("RGB").save(good_jpg, quality=90)
+    not_image = tmp_path / "notes.png"
+    not_image.write_text("not a picture")
+    missing = tmp_path / "missing.png"
+
+    status = main(
+        [str(good_png), str(not_image), str(good_jpg), str(missing), "--model", str(path)]
+    )
+
+    out, err = capsys.readouterr()
+    assert status == 1
+    assert err.splitlines() == [
+        f"error: {not_image}: not an image Pillow can read (expected PNG, JPEG, ...)",
+        f"error: {missing}: no such file",
+    ]
+    lines = out.splitlines()
+    assert [line.split(":")[0] for line in lines] == [str(good_png), str(good_jpg)]
+    for line, file in zip(lines, (good_png, good_jpg)):
+        x = to_mnist(np.asarray(Image.open(file).convert("L"), dtype=np.float32))
+        p = keras.ops.convert_to_numpy(keras.ops.softmax(model(x[None])))[0]
+        assert line == f"{file}: {int(p.argmax())} (confidence {p.max():.3f})"
+
+
+def test_cli_with_a_missing_model_file_fails_with_one_line(tmp_path, capsys):
+    png = tmp_path / "seven.png"
+    as_photo(mnist_like_seven(), 60, light_paper=True).save(png)
+    assert main([str(png), "--model", str(tmp_path / "nope.keras")]) == 1
+    assert capsys.readouterr().err == f"error: {tmp_path / 'nope.keras'}: no such model file\n"
