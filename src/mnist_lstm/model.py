@@ -34,11 +34,14 @@ def learning_rate(
     return params.learning_rate
 
 
-def build_model(params: TrainParams, n_train: int = 60_000, replicas: int = 1) -> keras.Model:
+def build_model(
+    params: TrainParams, n_train: int = 60_000, replicas: int = 1, unroll: bool = True
+) -> keras.Model:
     """The row-reading LSTM classifier, compiled as the tutorial compiles it.
 
     `replicas` devices each take `batch_size` images per step (the global batch), so an epoch has
     ceil(n_train / (batch_size * replicas)) steps; build it inside the strategy's scope.
+    `unroll=False` leaves the LSTM to Keras' cuDNN kernel on a GPU (unrolling rules it out).
     """
     # A fixed length of 28 rows (the tutorial allows None) lets the LSTM unroll the same way every
     # batch; the weights are identical either way.
@@ -57,7 +60,7 @@ def build_model(params: TrainParams, n_train: int = 60_000, replicas: int = 1) -
         name = "lstm" if index == 0 else f"lstm_{index}"
         # Unrolled: 28 steps are few and fixed, so one straight-line graph beats a while loop on
         # CPU (measured with `make bench`; README "Performance").
-        lstm = keras.layers.LSTM(params.units, return_sequences=not last, unroll=True, name=name)
+        lstm = keras.layers.LSTM(params.units, return_sequences=not last, unroll=unroll, name=name)
         if params.bidirectional:
             lstm = keras.layers.Bidirectional(lstm, name=f"bi{name}")
         layers.append(lstm)

@@ -221,8 +221,10 @@ def main(argv: list[str] | None = None) -> int:
     (x_fit, _), _ = training_splits(data, params.tuning_split)  # refuses a bad split up front
     strategy = strategy_for(params)
     replicas = strategy.num_replicas_in_sync
+    # On a GPU the LSTM runs Keras' cuDNN kernel, which an unrolled graph would rule out.
+    on_gpu = bool(tf.config.list_logical_devices("GPU"))
     with strategy.scope():
-        model = build_model(params, n_train=len(x_fit), replicas=replicas)
+        model = build_model(params, n_train=len(x_fit), replicas=replicas, unroll=not on_gpu)
     model.summary()
     logged = flatten(fetch_params, normalize_params, params)
     logged.update(
