@@ -203,3 +203,33 @@ def test_make_serve_answers_with_the_champions_digits_for_real_holdout_images(se
     # The served champion answers what evaluate predicted, and that is the right digit.
     np.testing.assert_array_equal(logits.argmax(axis=1), holdout["prediction"])
     np.testing.assert_array_equal(logits.argmax(axis=1), labels)
+
+
+def test_without_postgresql_the_server_says_how_to_install_it(monkeypatch):
+    from mnist_lstm import server
+    from mnist_lstm.errors import UserError
+
+    monkeypatch.setattr(server.glob, "glob", lambda pattern: [])
+    monkeypatch.setattr(server.shutil, "which", lambda name: None)
+    with pytest.raises(UserError, match="apt-get install postgresql"):
+        server.postgres_bin()
+
+
+def test_a_taken_port_is_refused_before_starting_anything(tmp_path):
+    import functools
+    import http.server
+    import threading
+
+    from mnist_lstm import server
+    from mnist_lstm.errors import UserError
+
+    (tmp_path / "health").write_text("ok")  # anything answering 200 on /health
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path))
+    busy = http.server.HTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=busy.serve_forever, daemon=True).start()
+    try:
+        with pytest.raises(UserError, match="something already answers on http://127.0.0.1:"):
+            server.start_mlflow(tmp_path, "postgresql://unused", busy.server_port, "x", 5)
+        assert not (tmp_path / "mlflow.pid").exists()
+    finally:
+        busy.shutdown()
