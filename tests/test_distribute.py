@@ -38,7 +38,7 @@ def pipeline(root, devices: str | None, distribute: str) -> dict:
     return {
         "stdout": result.stdout,
         "metrics": json.loads((root / "reports" / "metrics.json").read_text()),
-        "params": logged.data.params,
+        "tags": logged.data.tags,
         "model_md5": next(
             o["md5"] for o in lock["stages"]["train"]["outs"] if "keras" in o["path"]
         ),
@@ -52,12 +52,12 @@ def test_two_devices_train_mirrored_within_tolerance_of_one_and_off_means_one(tm
 
     assert "epochs on 1 device(s)" in one["stdout"]
     assert "epochs on 2 device(s)" in two["stdout"]
-    assert two["params"]["train.replicas"] == "2"
-    assert two["params"]["train.global_batch_size"] == str(2 * BATCH)
+    assert two["tags"]["train.replicas"] == "2"
+    assert two["tags"]["train.global_batch_size"] == str(2 * BATCH)
     for metric in ("val_accuracy", "holdout_accuracy"):
         assert two["metrics"][metric] == pytest.approx(one["metrics"][metric], abs=TOLERANCE)
     assert one["metrics"]["val_accuracy"] >= 0.9  # a comparison between models that learned
 
     # `off` on the same two devices trains exactly as one device does.
-    assert "epochs on 1 device(s)" in off["stdout"] and off["params"]["train.replicas"] == "1"
+    assert "epochs on 1 device(s)" in off["stdout"] and off["tags"]["train.replicas"] == "1"
     assert off["model_md5"] == one["model_md5"]

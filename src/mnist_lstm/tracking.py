@@ -256,12 +256,17 @@ def _run(**start_kwargs: Any) -> Iterator[mlflow.ActiveRun]:
 
 
 @contextlib.contextmanager
-def training_run(run_name: str, params: dict[str, Any]) -> Iterator[str]:
-    """Open the pipeline's run, log params, the params snapshot and git lineage; yield its id."""
+def training_run(
+    run_name: str, params: dict[str, Any], facts: dict[str, str] | None = None
+) -> Iterator[str]:
+    """Open the pipeline's run, log params, the params snapshot and git lineage; yield its id.
+
+    `facts` are tags about how this run trained (devices, global batch): not params, because
+    params.yaml does not set them and lineage compares the run's params with params.yaml."""
     connect()
     for run_id in fail_orphaned_runs():
         print(f"tracking: run {run_id} was left RUNNING by a process that died; marked FAILED")
-    tags = {**git_tags(project_root()), **dvc_experiment_tags()}
+    tags = {**git_tags(project_root()), **dvc_experiment_tags(), **(facts or {})}
     params = {key: _portable(value) for key, value in params.items()}
     # The short commit tells apart runs of the same configuration made from different code.
     name = f"{run_name}@{tags['git.commit'][:7]}{'+dirty' if tags['git.dirty'] == 'true' else ''}"

@@ -226,12 +226,13 @@ def main(argv: list[str] | None = None) -> int:
     with strategy.scope():
         model = build_model(params, n_train=len(x_fit), replicas=replicas, unroll=not on_gpu)
     model.summary()
-    logged = flatten(fetch_params, normalize_params, params)
-    logged.update(
-        {"train.replicas": replicas, "train.global_batch_size": params.batch_size * replicas}
-    )
-
-    with tracking.training_run(run_name(params), logged) as run_id:
+    facts = {
+        "train.replicas": str(replicas),
+        "train.global_batch_size": str(params.batch_size * replicas),
+    }
+    with tracking.training_run(
+        run_name(params), flatten(fetch_params, normalize_params, params), facts
+    ) as run_id:
         started = time.perf_counter()
         # One line per epoch when DVC captures the output; the live bar on a terminal.
         verbose = "auto" if sys.stdout.isatty() else 2
