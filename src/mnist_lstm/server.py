@@ -53,7 +53,16 @@ def postgres_bin() -> Path:
 
 def _as_postgres(cmd: list[str]) -> list[str]:
     """PostgreSQL will not run as root: drop to the `postgres` user when we are root."""
-    return ["runuser", "-u", "postgres", "--", *cmd] if os.geteuid() == 0 else cmd
+    if os.geteuid() != 0:
+        return cmd
+    # runuser lives in sbin, which a minimal PATH (cron, CI, `env -i`) leaves out.
+    search = os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/sbin"])
+    runuser = shutil.which("runuser", path=search)
+    if runuser is None:
+        raise UserError(
+            "as root, PostgreSQL must run as `postgres`, which needs runuser (util-linux)"
+        )
+    return [runuser, "-u", "postgres", "--", *cmd]
 
 
 def _run(cmd: list[str], what: str, **kwargs) -> None:
