@@ -6,8 +6,13 @@ import contextlib
 import os
 import re
 import shutil
+import signal
+import socket
 import subprocess
 import sys
+import tempfile
+import time
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -170,3 +175,36 @@ def edited(path: Path, old: str, new: str):
         yield
     finally:
         path.write_text(original)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@contextlib.contextmanager
+def http_service(cmd: list[str], cwd: Path, env: dict[str, str], ready_url: str):
+    """A server process (mlflow ui, mlflow models serve) for the block: yields once `ready_url`
+    answers, and stops it with its children afterwards."""
+    with tempfile.TemporaryFile("w+") as log:
+        process = subprocess.Popen(
+            cmd, cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+        try:
+            for _ in range(240):
+                if process.poll() is not None:
+                    log.seek(0)
+                    raise AssertionError(f"{cmd} exited ({process.returncode}):\n{log.read()}")
+                try:
+                    urllib.request.urlopen(ready_url, timeout=2)
+                    break
+                except OSError:
+                    time.sleep(0.5)
+            else:
+                raise AssertionError(f"{ready_url} did not answer within 2 minutes")
+            yield process
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGTERM)
+            process.wait(timeout=30)

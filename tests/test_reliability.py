@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -14,14 +13,9 @@ from pathlib import Path
 
 import pytest
 
+from conftest import free_port, http_service
 from mnist_lstm import contracts, tracking
 from mnist_lstm.normalize import split
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture
@@ -178,33 +172,11 @@ def test_two_pipelines_and_an_open_ui_share_one_sqlite_store_losing_nothing(
         timeout=300,
     )
     port = free_port()
-    ui = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "mlflow",
-            "ui",
-            "--backend-store-uri",
-            uri,
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-        ],
-        cwd=tmp_path,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
+    ui_cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri]
+    ui_cmd += ["--host", "127.0.0.1", "--port", str(port)]
+    with http_service(ui_cmd, tmp_path, env, f"http://127.0.0.1:{port}/health"):
         search = f"http://127.0.0.1:{port}/api/2.0/mlflow/runs/search"
         body = json.dumps({"experiment_ids": ["1"], "max_results": 100}).encode()
-        for _ in range(120):  # the UI takes a few seconds to start
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
-                break
-            except OSError:
-                time.sleep(0.5)
         writers = [
             subprocess.Popen(
                 train_cmd(
@@ -232,9 +204,6 @@ def test_two_pipelines_and_an_open_ui_share_one_sqlite_store_losing_nothing(
             polls += 1
             time.sleep(0.2)
         outputs = [w.communicate(timeout=300) for w in writers]
-    finally:
-        ui.terminate()
-        ui.wait(timeout=30)
     for writer, (out, err) in zip(writers, outputs):
         assert writer.returncode == 0, err
         assert "database is locked" not in err

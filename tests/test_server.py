@@ -9,11 +9,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
-import socket
-import subprocess
 import tempfile
-import time
 import urllib.parse
 import urllib.request
 from pathlib import Path
@@ -23,15 +19,9 @@ import pandas as pd
 import pytest
 import yaml
 
-from conftest import BIN, make_promotable_project, run
+from conftest import BIN, free_port, http_service, make_promotable_project, run
 
 pytestmark = pytest.mark.e2e
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def have_postgres() -> bool:
@@ -157,35 +147,9 @@ def test_make_serve_answers_with_the_champions_digits_for_real_holdout_images(se
     root, env, _ = promoted
     port = free_port()
     # The command `make serve` runs, against the shared registry.
-    serving = subprocess.Popen(
-        [
-            "mlflow",
-            "models",
-            "serve",
-            "-m",
-            "models:/mnist-lstm@champion",
-            "--env-manager",
-            "local",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-        ],
-        cwd=root,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
-    try:
-        for _ in range(240):
-            assert serving.poll() is None, serving.stderr.read()
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2)
-                break
-            except OSError:
-                time.sleep(0.5)
+    serve = ["mlflow", "models", "serve", "-m", "models:/mnist-lstm@champion"]
+    serve += ["--env-manager", "local", "--host", "127.0.0.1", "--port", str(port)]
+    with http_service(serve, root, env, f"http://127.0.0.1:{port}/ping"):
         with np.load(root / "data" / "processed" / "mnist.npz") as data:
             x, labels = data["x_holdout"], data["y_holdout"]
         request = urllib.request.Request(
@@ -195,9 +159,6 @@ def test_make_serve_answers_with_the_champions_digits_for_real_holdout_images(se
         )
         with urllib.request.urlopen(request, timeout=60) as response:
             logits = np.array(json.load(response)["predictions"])
-    finally:
-        os.killpg(serving.pid, signal.SIGTERM)
-        serving.wait(timeout=30)
     assert logits.shape == (len(labels), 10)
     holdout = pd.read_csv(root / "reports" / "holdout_predictions.csv")
     # The served champion answers what evaluate predicted, and that is the right digit.
