@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import zipfile
+
 import numpy as np
 import pytest
 
@@ -43,3 +45,10 @@ def test_pickled_object_arrays_are_never_loaded(tiny_raw, tmp_path):
     np.savez(path, **dict(tiny_raw, x_train=np.array([object()], dtype=object)))
     with pytest.raises(contracts.ContractError, match="not a readable .npz file"):
         contracts.load_raw(path)
+
+
+def test_npz_files_use_plain_zip_headers_that_every_python_311_writes_alike(tiny_raw, tmp_path):
+    # zip64 headers (force_zip64) come out differently across Python 3.11 patch releases.
+    contracts.write_npz(tmp_path / "a.npz", tiny_raw)
+    with zipfile.ZipFile(tmp_path / "a.npz") as zf:
+        assert {(i.create_version, i.extract_version) for i in zf.infolist()} == {(20, 20)}

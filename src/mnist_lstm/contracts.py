@@ -162,7 +162,9 @@ def write_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
     with atomic_path(path) as tmp, zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED) as zf:
         for key, arr in arrays.items():
             info = zipfile.ZipInfo(f"{key}.npy", date_time=(1980, 1, 1, 0, 0, 0))
-            with zf.open(info, "w", force_zip64=True) as member:
+            # No force_zip64: Python 3.11.2 and 3.11.7 write its version fields differently (the
+            # same arrays gave other bytes, so another dvc.lock, on CI). Members stay < 2 GiB.
+            with zf.open(info, "w") as member:
                 np.lib.format.write_array(member, np.ascontiguousarray(arr), allow_pickle=False)
 
 
