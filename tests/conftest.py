@@ -160,6 +160,14 @@ def commit(root: Path, env: dict[str, str], message: str) -> None:
     run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", message], root, env)
 
 
+def locked_model_md5(root: Path) -> str:
+    """The model file's md5 as the project's dvc.lock records it."""
+    from mnist_lstm.lineage import locked_hashes
+    from mnist_lstm.tracking import TAG_MODEL_MD5
+
+    return locked_hashes(yaml.safe_load((root / "dvc.lock").read_text()))[TAG_MODEL_MD5]
+
+
 def stages_run(result: subprocess.CompletedProcess) -> list[str]:
     """The stages a `dvc repro` actually executed, in order."""
     return re.findall(r"^Running stage '([^']+)':", result.stdout, re.MULTILINE)

@@ -9,9 +9,8 @@ from __future__ import annotations
 import json
 
 import pytest
-import yaml
 
-from conftest import LEARNS, make_project, run
+from conftest import LEARNS, locked_model_md5, make_project, run
 from mnist_lstm.train import CPU_DEVICES_ENV
 
 pytestmark = pytest.mark.e2e
@@ -34,14 +33,11 @@ def pipeline(root, devices: str | None, distribute: str) -> dict:
 
     client = mlflow.MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
     (logged,) = client.search_runs([client.get_experiment_by_name("mnist-lstm").experiment_id])
-    lock = yaml.safe_load((root / "dvc.lock").read_text())
     return {
         "stdout": result.stdout,
         "metrics": json.loads((root / "reports" / "metrics.json").read_text()),
         "tags": logged.data.tags,
-        "model_md5": next(
-            o["md5"] for o in lock["stages"]["train"]["outs"] if "keras" in o["path"]
-        ),
+        "model_md5": locked_model_md5(root),
     }
 
 

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import yaml
 
-from conftest import edited, make_project, run, stages_run
+from conftest import edited, locked_model_md5, make_project, run, stages_run
 
 pytestmark = pytest.mark.e2e
 
@@ -173,9 +173,7 @@ def test_lineage_of_the_workspace_leads_back_to_commit_data_and_metrics(project,
     assert f"run        {runs[0].info.run_id}" in out
     assert f"commit     {head.stdout.strip()}" in out
     assert "params     as in params.yaml at HEAD" in out
-    lock = yaml.safe_load((root / "dvc.lock").read_text())["stages"]
-    model_md5 = next(o["md5"] for o in lock["train"]["outs"] if o["path"] == "models/model.keras")
-    assert f"models/model.keras: {model_md5}" in out
+    assert f"models/model.keras: {locked_model_md5(root)}" in out
     assert "eval/val_accuracy" in out
     assert "reproduces yes" in out
     # The same answer from the run id.

@@ -10,7 +10,7 @@ import json
 import pytest
 import yaml
 
-from conftest import commit, make_project, run, stages_run
+from conftest import commit, locked_model_md5, make_project, run, stages_run
 
 pytestmark = pytest.mark.e2e
 
@@ -20,11 +20,6 @@ def clone(source, target, env):
     return {**env, "PYTHONPATH": str(target / "src")}
 
 
-def model_md5(root) -> str:
-    lock = yaml.safe_load((root / "dvc.lock").read_text())
-    return next(o["md5"] for o in lock["stages"]["train"]["outs"] if o["path"].endswith(".keras"))
-
-
 def test_a_fresh_clone_pulls_every_output_and_the_run_cache_so_nothing_reruns(tmp_path):
     home = tmp_path / "home"
     home.mkdir()
@@ -32,7 +27,7 @@ def test_a_fresh_clone_pulls_every_output_and_the_run_cache_so_nothing_reruns(tm
     env["HOME"] = str(home)
     # A team's history: each commit's outputs pushed with the run-cache.
     run(["dvc", "repro"], root, env)
-    one_epoch = model_md5(root)
+    one_epoch = locked_model_md5(root)
     one_epoch_metrics = json.loads((root / "reports" / "metrics.json").read_text())
     commit(root, env, "one epoch")
     run(["dvc", "push", "--run-cache"], root, env)
@@ -59,5 +54,5 @@ def test_a_fresh_clone_pulls_every_output_and_the_run_cache_so_nothing_reruns(tm
     back = run(["dvc", "repro", "--pull"], fresh, fresh_env)
     assert stages_run(back) == ["evaluate"]
     assert "Stage 'train' is cached - skipping run" in back.stdout
-    assert model_md5(fresh) == one_epoch
+    assert locked_model_md5(fresh) == one_epoch
     assert json.loads((fresh / "reports" / "metrics.json").read_text()) == one_epoch_metrics

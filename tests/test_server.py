@@ -17,9 +17,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-import yaml
 
-from conftest import BIN, free_port, http_service, make_promotable_project, run
+from conftest import BIN, free_port, http_service, locked_model_md5, make_promotable_project, run
 
 pytestmark = pytest.mark.e2e
 
@@ -107,11 +106,7 @@ def test_pipeline_logs_to_the_shared_server_and_promotes_in_its_registry(server,
     tags = {t["key"]: t["value"] for t in found["data"]["tags"]}
     params = {p["key"]: p["value"] for p in found["data"]["params"]}
     metrics = {m["key"]: m["value"] for m in found["data"]["metrics"]}
-    lock = yaml.safe_load((root / "dvc.lock").read_text())
-    model_md5 = next(
-        o["md5"] for o in lock["stages"]["train"]["outs"] if o["path"].endswith(".keras")
-    )
-    assert tags["dvc.model_md5"] == model_md5
+    assert tags["dvc.model_md5"] == locked_model_md5(root)
     assert params["train.epochs"] == "10" and params["train.units"] == "16"
     local = json.loads((root / "reports" / "metrics.json").read_text())
     assert metrics["eval/val_accuracy"] == pytest.approx(local["val_accuracy"])

@@ -174,6 +174,7 @@ def start_postgres(state: Path, port: int) -> str:
             "createdb mlflow",
             env=env,
         )
+    # The driver named: SQLAlchemy's default for postgresql:// is psycopg 3, which is not installed.
     return f"postgresql+psycopg2://{DB_USER}:{password}@127.0.0.1:{port}/{DB_NAME}"
 
 
@@ -189,41 +190,41 @@ def start_mlflow(state: Path, backend: str, port: int, artifacts: str, timeout: 
     uri = f"http://127.0.0.1:{port}"
     if _healthy(uri):
         raise UserError(f"something already answers on {uri}: stop it or pick another --port")
-    log = (state / "mlflow.log").open("a")
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "mlflow",
-            "server",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--workers",
-            "2",
-            "--serve-artifacts",
-            "--artifacts-destination",
-            artifacts,
-        ],
-        env={**os.environ, "MLFLOW_BACKEND_STORE_URI": backend},
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
+    log = state / "mlflow.log"
+    # The server keeps its own copy of the log descriptor; ours closes when it has started.
+    with log.open("a") as log_file:
+        process = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "mlflow",
+                "server",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--workers",
+                "2",
+                "--serve-artifacts",
+                "--artifacts-destination",
+                artifacts,
+            ],
+            env={**os.environ, "MLFLOW_BACKEND_STORE_URI": backend},
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     (state / "mlflow.pid").write_text(str(process.pid))
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            raise UserError(
-                f"mlflow server exited ({process.returncode}); see {state / 'mlflow.log'}"
-            )
+            raise UserError(f"mlflow server exited ({process.returncode}); see {log}")
         if _healthy(uri):
             (state / "uri").write_text(uri + "\n")
             return uri
         time.sleep(0.5)
     os.killpg(process.pid, signal.SIGTERM)
-    raise UserError(f"mlflow server did not answer on {uri} within {timeout:.0f}s; see {log.name}")
+    raise UserError(f"mlflow server did not answer on {uri} within {timeout:.0f}s; see {log}")
 
 
 def stop(state: Path) -> list[str]:

@@ -18,6 +18,7 @@ import os
 import sys
 import time
 import zipfile
+from collections.abc import Mapping
 from pathlib import Path
 
 import keras
@@ -45,7 +46,7 @@ def set_seed(seed: int) -> None:
     tf.config.experimental.enable_op_determinism()
 
 
-def split_cpu(env: dict[str, str]) -> None:
+def split_cpu(env: Mapping[str, str]) -> None:
     """Honour MNIST_LSTM_CPU_DEVICES=N before TensorFlow touches a device."""
     value = env.get(CPU_DEVICES_ENV)
     if value is None:
@@ -216,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
 
     fetch_params, normalize_params, params = load_params(args.params, "fetch", "normalize", "train")
     data = contracts.load_processed(args.data)
-    split_cpu(dict(os.environ))
+    split_cpu(os.environ)
     set_seed(params.seed)
     (x_fit, _), _ = training_splits(data, params.tuning_split)  # refuses a bad split up front
     strategy = strategy_for(params)
