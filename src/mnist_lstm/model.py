@@ -11,6 +11,7 @@ import math
 
 import keras
 
+from mnist_lstm import onednn_lstm
 from mnist_lstm.contracts import IMAGE_SHAPE, NUM_CLASSES
 from mnist_lstm.params import TrainParams
 
@@ -41,7 +42,8 @@ def build_model(
 
     `replicas` devices each take `batch_size` images per step (the global batch), so an epoch has
     ceil(n_train / (batch_size * replicas)) steps; build it inside the strategy's scope.
-    `unroll=False` leaves the LSTM to Keras' cuDNN kernel on a GPU (unrolling rules it out).
+    `unroll=False` leaves the LSTM to Keras' cuDNN kernel on a GPU (unrolling rules it out); it
+    only matters with `lstm_kernel: keras`.
     """
     # A fixed length of 28 rows (the tutorial allows None) lets the LSTM unroll the same way every
     # batch; the weights are identical either way.
@@ -74,6 +76,10 @@ def build_model(
     # Logits, not probabilities: the loss applies the softmax itself (from_logits=True).
     layers.append(keras.layers.Dense(NUM_CLASSES, name="logits"))
     model = keras.Sequential(layers, name="mnist_lstm")
+    if params.lstm_kernel == "onednn":
+        # The same layers and weights, trained through one fused oneDNN kernel per layer and
+        # direction instead of ~40 TensorFlow ops per timestep; the saved model stays plain Keras.
+        onednn_lstm.use_onednn(model)
     steps_per_epoch = math.ceil(n_train / (params.batch_size * replicas))
     model.compile(
         optimizer=_OPTIMIZERS[params.optimizer](

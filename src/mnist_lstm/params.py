@@ -24,6 +24,7 @@ FETCH_SOURCES = ("auto", "keras", "package", "path")
 OPTIMIZERS = ("sgd", "adam", "rmsprop")
 SCHEDULES = ("constant", "cosine")
 DISTRIBUTE = ("auto", "off")
+LSTM_KERNELS = ("onednn", "keras")
 # The holdout comes from the 10,000 test images and validation needs at least one of them.
 MAX_HOLDOUT = 9999
 
@@ -82,6 +83,9 @@ class TrainParams:
     tuning_split: int = dataclasses.field(metadata=_spec("int", ">= 0", lambda v: v >= 0))
     distribute: str = dataclasses.field(
         metadata=_spec("choice", "one of " + ", ".join(DISTRIBUTE), lambda v: v in DISTRIBUTE)
+    )
+    lstm_kernel: str = dataclasses.field(
+        metadata=_spec("choice", "one of " + ", ".join(LSTM_KERNELS), lambda v: v in LSTM_KERNELS)
     )
 
 

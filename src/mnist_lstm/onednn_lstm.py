@@ -1,0 +1,158 @@
+"""The LSTM's training loop as one fused oneDNN kernel per direction, for TensorFlow on the CPU.
+
+Keras' LSTM on the CPU runs each of the 28 timesteps as some 40 small TensorFlow ops, forward and
+backward: dispatching them costs more than their arithmetic. `csrc/onednn_lstm.cc` wraps oneDNN's
+LSTM primitive (the kernel PyTorch's CPU LSTM uses) as two TensorFlow ops, the forward pass over
+the whole sequence and its gradient. `use_onednn(model)` routes a model's LSTM layers through them.
+
+The layers stay `keras.layers.LSTM` with the same weights, initialisation and config: the saved
+model is a plain Keras model that loads and predicts anywhere, without this library. The op is
+built into the venv by `make install` (`python -m mnist_lstm.onednn_lstm build`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import keras
+import tensorflow as tf
+
+from mnist_lstm.errors import UserError
+
+SOURCE = Path(__file__).parent / "csrc" / "onednn_lstm.cc"
+
+
+def library_path(prefix: str = sys.prefix) -> Path:
+    """Built per environment (it links that environment's TensorFlow and oneDNN), so it lives in
+    the venv, outside the sources DVC hashes."""
+    return Path(prefix) / "lib" / "mnist-lstm" / "onednn_lstm.so"
+
+
+def build(out: Path, prefix: str = sys.prefix) -> None:
+    """Compile the op against this TensorFlow and the oneDNN wheel installed in `prefix`."""
+    lib = Path(prefix) / "lib"
+    if not (lib / "libdnnl.so").exists():
+        raise UserError(f"{lib / 'libdnnl.so'} is missing: install the locked onednn-cpu-gomp")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # TensorFlow's headers as system headers: their warnings are not ours.
+    tf_flags = [
+        f"-isystem{flag[2:]}" if flag.startswith("-I") else flag
+        for flag in tf.sysconfig.get_compile_flags()
+    ]
+    command = [
+        "g++", "-O2", "-Wall", "-shared", "-fPIC", str(SOURCE), "-o", str(out),
+        *tf_flags, f"-I{Path(prefix) / 'include'}",
+        *tf.sysconfig.get_link_flags(), f"-L{lib}", "-ldnnl", "-lgomp", f"-Wl,-rpath,{lib}",
+    ]  # fmt: skip
+    subprocess.run(command, check=True)
+
+
+@functools.cache
+def ops() -> types.ModuleType:
+    path = library_path()
+    if not path.exists():
+        raise UserError(
+            f"{path} is missing: the oneDNN LSTM op is built by `make install` "
+            "(or set train.lstm_kernel: keras)"
+        )
+    return tf.load_op_library(str(path))
+
+
+def available() -> bool:
+    return library_path().exists()
+
+
+@tf.RegisterGradient("OnednnLstm")
+def _onednn_lstm_grad(op: tf.Operation, d_outputs, d_h, d_c, _d_workspace) -> list:
+    # Gradients of outputs nothing used arrive as None; the kernel wants zeros.
+    d_outputs, d_h, d_c = (
+        tf.zeros_like(out) if grad is None else grad
+        for grad, out in zip((d_outputs, d_h, d_c), op.outputs[:3])
+    )
+    shards = op.get_attr("shards")
+    return list(ops().onednn_lstm_grad(*op.inputs, *op.outputs, d_outputs, d_h, d_c, shards=shards))
+
+
+def lstm(
+    sequences: tf.Tensor,
+    initial_state: list[tf.Tensor],
+    cell: keras.layers.LSTMCell,
+    go_backwards: bool = False,
+) -> tuple[tf.Tensor, tf.Tensor, list[tf.Tensor]]:
+    """Keras' RNN inner loop contract: (last output, all outputs, [h, c])."""
+    if go_backwards:
+        sequences = tf.reverse(sequences, axis=[1])
+    outputs, h, c, _ = ops().onednn_lstm(
+        sequences,
+        initial_state[0],
+        initial_state[1],
+        cell.kernel.value,
+        cell.recurrent_kernel.value,
+        cell.bias.value,
+    )
+    return h, outputs, [h, c]
+
+
+def supported(layer: keras.layers.LSTM) -> str | None:
+    """Why the fused kernel cannot stand in for `layer`, or None when it can."""
+    cell = layer.cell
+    if cell.activation is not keras.activations.tanh:
+        return "activation is not tanh"
+    if cell.recurrent_activation is not keras.activations.sigmoid:
+        return "recurrent_activation is not sigmoid"
+    if not cell.use_bias:
+        return "use_bias is False"
+    if cell.dropout or cell.recurrent_dropout:
+        return "it has dropout inside the cell"
+    if layer.stateful:
+        return "it is stateful"
+    return None
+
+
+def use_onednn(model: keras.Model) -> int:
+    """Route every LSTM layer of `model` (also inside Bidirectional) through the fused kernel;
+    how many were routed. Masked input falls back to Keras' own loop at call time."""
+    ops()  # fail before training, not inside the first traced step
+    routed = 0
+    for layer in _lstm_layers(model):
+        reason = supported(layer)
+        if reason:
+            raise UserError(f"LSTM layer {layer.name!r} cannot use the oneDNN kernel: {reason}")
+        layer.inner_loop = types.MethodType(_fused_inner_loop, layer)
+        routed += 1
+    return routed
+
+
+def _fused_inner_loop(self, sequences, initial_state, mask, training=False):
+    if mask is not None or sequences.dtype != tf.float32:
+        return keras.layers.LSTM.inner_loop(self, sequences, initial_state, mask, training)
+    return lstm(sequences, initial_state, self.cell, self.go_backwards)
+
+
+def _lstm_layers(model: keras.Model) -> list[keras.layers.LSTM]:
+    found = []
+    for layer in model.layers:
+        if isinstance(layer, keras.layers.Bidirectional):
+            found += [layer.forward_layer, layer.backward_layer]
+        elif isinstance(layer, keras.layers.LSTM):
+            found.append(layer)
+    return found
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Build the oneDNN LSTM op into this venv.")
+    parser.add_argument("command", choices=["build"])
+    parser.add_argument("--out", type=Path, default=library_path())
+    args = parser.parse_args(argv)
+    build(args.out)
+    print(f"built {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,133 @@
+"""The fused oneDNN LSTM op stands in for Keras' LSTM: same outputs, same gradients, same file."""
+
+from __future__ import annotations
+
+import dataclasses
+import subprocess
+import sys
+import textwrap
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from mnist_lstm import onednn_lstm
+from mnist_lstm.errors import UserError
+from mnist_lstm.model import build_model
+from test_model import TUTORIAL
+
+
+def lstm_model(bidirectional: bool, return_sequences: bool, layers: int = 1) -> keras.Model:
+    keras.utils.set_random_seed(1)
+    stack: list = [keras.Input((7, 5))]
+    for index in range(layers):
+        layer = keras.layers.LSTM(16, return_sequences=return_sequences or index < layers - 1)
+        stack.append(keras.layers.Bidirectional(layer) if bidirectional else layer)
+    if return_sequences:
+        stack.append(keras.layers.Flatten())
+    stack.append(keras.layers.Dense(3))
+    return keras.Sequential(stack)
+
+
+def forward_backward(model: keras.Model, x: np.ndarray) -> tuple[tf.Tensor, list[tf.Tensor]]:
+    with tf.GradientTape() as tape:
+        y = model(x, training=True)
+        loss = tf.reduce_sum(y * y)
+    return y, tape.gradient(loss, model.trainable_variables)
+
+
+def outputs_and_gradients(model: keras.Model, x: np.ndarray) -> tuple[np.ndarray, list]:
+    y, grads = forward_backward(model, x)
+    return y.numpy(), [g.numpy() for g in grads]
+
+
+@pytest.mark.parametrize(
+    ("bidirectional", "return_sequences", "layers", "batch"),
+    [
+        (False, False, 1, 64),  # the tutorial's shape
+        (False, True, 1, 5),  # odd batch: shards of 3 and 2
+        (True, False, 1, 6),  # the backward direction reads the rows in reverse
+        (True, True, 2, 1),  # stacked, and a batch too small to split
+    ],
+)
+def test_fused_lstm_matches_keras_outputs_and_gradients(
+    bidirectional, return_sequences, layers, batch
+):
+    keras_model = lstm_model(bidirectional, return_sequences, layers)
+    fused_model = lstm_model(bidirectional, return_sequences, layers)
+    fused_model.set_weights(keras_model.get_weights())
+    assert onednn_lstm.use_onednn(fused_model) == layers * (2 if bidirectional else 1)
+    x = np.random.default_rng(0).normal(size=(batch, 7, 5)).astype(np.float32)
+
+    y_keras, grads_keras = outputs_and_gradients(keras_model, x)
+    y_fused, grads_fused = outputs_and_gradients(fused_model, x)
+    np.testing.assert_allclose(y_fused, y_keras, atol=1e-5)
+    for fused, reference in zip(grads_fused, grads_keras, strict=True):
+        np.testing.assert_allclose(fused, reference, atol=1e-4, rtol=1e-4)
+    # Inside a traced function too, as Keras' fit runs it.
+    y_traced, grads_traced = tf.function(lambda: forward_backward(fused_model, x))()
+    np.testing.assert_allclose(y_traced.numpy(), y_keras, atol=1e-5)
+    for traced, reference in zip(grads_traced, grads_keras, strict=True):
+        np.testing.assert_allclose(traced.numpy(), reference, atol=1e-4, rtol=1e-4)
+
+
+def test_fused_lstm_gives_the_same_bits_every_time():
+    model = lstm_model(bidirectional=False, return_sequences=False)
+    onednn_lstm.use_onednn(model)
+    x = np.random.default_rng(3).normal(size=(64, 7, 5)).astype(np.float32)
+    first_y, first_grads = outputs_and_gradients(model, x)
+    for _ in range(3):
+        y, grads = outputs_and_gradients(model, x)
+        assert np.array_equal(y, first_y)
+        assert all(np.array_equal(a, b) for a, b in zip(grads, first_grads))
+
+
+def test_training_through_the_fused_op_saves_a_plain_keras_lstm(tmp_path):
+    model = build_model(TUTORIAL, n_train=32)
+    x = np.random.default_rng(0).random((32, 28, 28), dtype=np.float32)
+    y = np.arange(32) % 10
+    before = model.get_layer("lstm").get_weights()[0].copy()
+    model.fit(x, y, batch_size=16, epochs=1, verbose=0)
+    assert not np.array_equal(model.get_layer("lstm").get_weights()[0], before)
+    path = tmp_path / "model.keras"
+    model.save(path)
+
+    # A fresh process that never loads the op library reads it as Keras' own LSTM.
+    script = textwrap.dedent(
+        f"""
+        import keras, numpy as np, tensorflow as tf
+        model = keras.models.load_model({str(path)!r})
+        assert type(model.get_layer("lstm")) is keras.layers.LSTM
+        x = np.random.default_rng(0).random((32, 28, 28), dtype=np.float32)
+        np.save({str(tmp_path / "plain.npy")!r}, model.predict(x, verbose=0))
+        with open("/proc/self/maps") as maps:
+            assert "onednn_lstm.so" not in maps.read()
+        """
+    )
+    subprocess.run([sys.executable, "-c", script], check=True, capture_output=True)
+    np.testing.assert_allclose(
+        np.load(tmp_path / "plain.npy"), model.predict(x, verbose=0), atol=1e-5
+    )
+
+
+def test_a_missing_op_library_says_how_to_build_it(tmp_path, monkeypatch):
+    monkeypatch.setattr(onednn_lstm, "library_path", lambda: tmp_path / "onednn_lstm.so")
+    onednn_lstm.ops.cache_clear()
+    try:
+        with pytest.raises(UserError, match=r"onednn_lstm.so is missing.*make install"):
+            build_model(TUTORIAL)
+    finally:
+        onednn_lstm.ops.cache_clear()
+
+
+def test_the_keras_kernel_leaves_keras_loop_in_place():
+    model = build_model(dataclasses.replace(TUTORIAL, lstm_kernel="keras"))
+    assert "inner_loop" not in vars(model.get_layer("lstm"))
+    assert "inner_loop" in vars(build_model(TUTORIAL).get_layer("lstm"))
+
+
+def test_a_layer_the_op_cannot_run_is_refused_by_name():
+    model = keras.Sequential([keras.Input((7, 5)), keras.layers.LSTM(4, activation="relu")])
+    with pytest.raises(UserError, match=r"'lstm.*activation is not tanh"):
+        onednn_lstm.use_onednn(model)
