@@ -72,6 +72,21 @@ def test_fused_lstm_matches_keras_outputs_and_gradients(
         np.testing.assert_allclose(traced.numpy(), reference, atol=1e-4, rtol=1e-4)
 
 
+def test_inference_mode_predicts_the_same_and_refuses_a_gradient():
+    keras_model = lstm_model(bidirectional=True, return_sequences=False)
+    fused_model = lstm_model(bidirectional=True, return_sequences=False)
+    fused_model.set_weights(keras_model.get_weights())
+    onednn_lstm.use_onednn(fused_model)
+    x = np.random.default_rng(2).normal(size=(9, 7, 5)).astype(np.float32)
+    np.testing.assert_allclose(
+        fused_model.predict(x, verbose=0), keras_model.predict(x, verbose=0), atol=1e-5
+    )
+    with tf.GradientTape() as tape:
+        y = fused_model(x, training=False)
+    with pytest.raises(ValueError, match="training=True to differentiate"):
+        tape.gradient(y, fused_model.trainable_variables)
+
+
 def test_fused_lstm_gives_the_same_bits_every_time():
     model = lstm_model(bidirectional=False, return_sequences=False)
     onednn_lstm.use_onednn(model)

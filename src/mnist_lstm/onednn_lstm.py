@@ -69,6 +69,11 @@ def available() -> bool:
 
 @tf.RegisterGradient("OnednnLstm")
 def _onednn_lstm_grad(op: tf.Operation, d_outputs, d_h, d_c, _d_workspace) -> list:
+    if not op.get_attr("training"):
+        raise ValueError(
+            "the oneDNN LSTM ran in inference mode (training=False), which keeps nothing for the "
+            "gradient: call the layer with training=True to differentiate it"
+        )
     # Gradients of outputs nothing used arrive as None; the kernel wants zeros.
     d_outputs, d_h, d_c = (
         tf.zeros_like(out) if grad is None else grad
@@ -83,8 +88,10 @@ def lstm(
     initial_state: list[tf.Tensor],
     cell: keras.layers.LSTMCell,
     go_backwards: bool = False,
+    training: bool = True,
 ) -> tuple[tf.Tensor, tf.Tensor, list[tf.Tensor]]:
-    """Keras' RNN inner loop contract: (last output, all outputs, [h, c])."""
+    """Keras' RNN inner loop contract: (last output, all outputs, [h, c]). `training=False` keeps
+    nothing for a gradient (validation and predict)."""
     if go_backwards:
         sequences = tf.reverse(sequences, axis=[1])
     outputs, h, c, _ = ops().onednn_lstm(
@@ -94,6 +101,7 @@ def lstm(
         cell.kernel.value,
         cell.recurrent_kernel.value,
         cell.bias.value,
+        training=training,
     )
     return h, outputs, [h, c]
 
@@ -131,7 +139,10 @@ def use_onednn(model: keras.Model) -> int:
 def _fused_inner_loop(self, sequences, initial_state, mask, training=False):
     if mask is not None or sequences.dtype != tf.float32:
         return keras.layers.LSTM.inner_loop(self, sequences, initial_state, mask, training)
-    return lstm(sequences, initial_state, self.cell, self.go_backwards)
+    # Keras passes a Python bool; anything else (a tensor) is treated as training.
+    return lstm(
+        sequences, initial_state, self.cell, self.go_backwards, training=training is not False
+    )
 
 
 def _lstm_layers(model: keras.Model) -> list[keras.layers.LSTM]:

@@ -159,9 +159,12 @@ dnnl::primitive_attr user_scratchpad() {
   return attr;
 }
 
-dnnl::lstm_forward::primitive_desc forward_desc(const Shapes& s) {
+// Training keeps the gates in a workspace for the gradient; inference (validation, predict) needs
+// none: for a validation batch of 1,024 images that is ~140 MB less to allocate.
+dnnl::lstm_forward::primitive_desc forward_desc(const Shapes& s, bool training = true) {
   return dnnl::lstm_forward::primitive_desc(
-      cpu_engine(), dnnl::prop_kind::forward_training,
+      cpu_engine(),
+      training ? dnnl::prop_kind::forward_training : dnnl::prop_kind::forward_inference,
       dnnl::rnn_direction::unidirectional_left2right, s.layer_in(), s.state(), s.state(),
       s.weights_layer(tag::any), s.weights_iter(tag::any), s.bias(), s.layer_out(), s.state(),
       s.state(), user_scratchpad());
@@ -283,6 +286,7 @@ class OnednnLstmOp : public OpKernel {
  public:
   explicit OnednnLstmOp(OpKernelConstruction* ctx) : OpKernel(ctx) {
     OP_REQUIRES_OK(ctx, ctx->GetAttr("shards", &shards_));
+    OP_REQUIRES_OK(ctx, ctx->GetAttr("training", &training_));
   }
 
   void Compute(OpKernelContext* ctx) override {
@@ -296,7 +300,9 @@ class OnednnLstmOp : public OpKernel {
     std::vector<Arena> temps(shards.size());
     size_t workspace_bytes = 0;
     for (size_t i = 0; i < shards.size(); ++i) {
-      const Plan& p = plans_.get({shards[i].n, t, c, h}, forward_desc);
+      const Plan& p = plans_.get({shards[i].n, t, c, h}, [this](const Shapes& s) {
+        return forward_desc(s, training_);
+      });
       plans.push_back(&p);
       workspace_bytes += aligned(p.pd.workspace_desc().get_size());
       OP_REQUIRES_OK(ctx, temps[i].allocate(
@@ -329,18 +335,19 @@ class OnednnLstmOp : public OpKernel {
         dnnl::memory weights_iter = weights_in(
             stream, whole(s.weights_iter(tag::ldigo), ctx->input(4)), p.pd.weights_iter_desc(),
             arena);
-        p.primitive.execute(
-            stream, {{DNNL_ARG_SRC_LAYER, rows(s.layer_in(), x, shard, t * c * sizeof(float))},
-                     {DNNL_ARG_SRC_ITER, rows(s.state(), ctx->input(1), shard, h * sizeof(float))},
-                     {DNNL_ARG_SRC_ITER_C, rows(s.state(), ctx->input(2), shard, h * sizeof(float))},
-                     {DNNL_ARG_WEIGHTS_LAYER, weights_layer},
-                     {DNNL_ARG_WEIGHTS_ITER, weights_iter},
-                     {DNNL_ARG_BIAS, whole(s.bias(), ctx->input(5))},
-                     {DNNL_ARG_DST_LAYER, rows(s.layer_out(), *outputs, shard, t * h * sizeof(float))},
-                     {DNNL_ARG_DST_ITER, rows(s.state(), *h_out, shard, h * sizeof(float))},
-                     {DNNL_ARG_DST_ITER_C, rows(s.state(), *c_out, shard, h * sizeof(float))},
-                     {DNNL_ARG_WORKSPACE, ws},
-                     {DNNL_ARG_SCRATCHPAD, arena.take(p.pd.scratchpad_desc())}});
+        std::unordered_map<int, dnnl::memory> args{
+            {DNNL_ARG_SRC_LAYER, rows(s.layer_in(), x, shard, t * c * sizeof(float))},
+            {DNNL_ARG_SRC_ITER, rows(s.state(), ctx->input(1), shard, h * sizeof(float))},
+            {DNNL_ARG_SRC_ITER_C, rows(s.state(), ctx->input(2), shard, h * sizeof(float))},
+            {DNNL_ARG_WEIGHTS_LAYER, weights_layer},
+            {DNNL_ARG_WEIGHTS_ITER, weights_iter},
+            {DNNL_ARG_BIAS, whole(s.bias(), ctx->input(5))},
+            {DNNL_ARG_DST_LAYER, rows(s.layer_out(), *outputs, shard, t * h * sizeof(float))},
+            {DNNL_ARG_DST_ITER, rows(s.state(), *h_out, shard, h * sizeof(float))},
+            {DNNL_ARG_DST_ITER_C, rows(s.state(), *c_out, shard, h * sizeof(float))},
+            {DNNL_ARG_SCRATCHPAD, arena.take(p.pd.scratchpad_desc())}};
+        if (training_) args.emplace(DNNL_ARG_WORKSPACE, ws);
+        p.primitive.execute(stream, args);
         stream.wait();
       });
     }
@@ -350,6 +357,7 @@ class OnednnLstmOp : public OpKernel {
  private:
   using Plan = Plans<dnnl::lstm_forward::primitive_desc, dnnl::lstm_forward>::Plan;
   int shards_;
+  bool training_;
   Plans<dnnl::lstm_forward::primitive_desc, dnnl::lstm_forward> plans_;
 };
 
@@ -487,6 +495,7 @@ Status gradient_shapes(InferenceContext* c) {
 
 REGISTER_OP("OnednnLstm")
     .Attr("shards: int >= 1 = 2")
+    .Attr("training: bool = true")
     .Input("x: float")
     .Input("h0: float")
     .Input("c0: float")
