@@ -14,6 +14,7 @@
 // Built by `make install` (python -m mnist_lstm.onednn_lstm build) against the venv's oneDNN.
 #include <omp.h>
 
+#include <algorithm>
 #include <condition_variable>
 #include <cstring>
 #include <exception>
@@ -23,6 +24,7 @@
 #include <oneapi/dnnl/dnnl.hpp>
 #include <thread>
 #include <unordered_map>
+#include <utility>
 #include <vector>
 
 #include "tensorflow/core/framework/op.h"
@@ -64,8 +66,6 @@ class ShardThreads {
     for (size_t i = 0; i < tasks.size(); ++i)
       if (slots_[i].error) std::rethrow_exception(slots_[i].error);
   }
-
-  int size() const { return static_cast<int>(slots_.size()); }
 
  private:
   struct Slot {
@@ -229,6 +229,17 @@ dnnl::memory weights_in(dnnl::stream& stream, dnnl::memory plain,
   return copy;
 }
 
+// The op's kernel and recurrent kernel (inputs 3 and 4) in the layouts primitive `pd` chose.
+template <typename PrimitiveDesc>
+std::pair<dnnl::memory, dnnl::memory> weights_for(OpKernelContext* ctx, dnnl::stream& stream,
+                                                  const Shapes& s, const PrimitiveDesc& pd,
+                                                  Arena& arena) {
+  return {weights_in(stream, whole(s.weights_layer(tag::ldigo), ctx->input(3)),
+                     pd.weights_layer_desc(), arena),
+          weights_in(stream, whole(s.weights_iter(tag::ldigo), ctx->input(4)),
+                     pd.weights_iter_desc(), arena)};
+}
+
 size_t weights_bytes(const dnnl::memory::desc& a, const dnnl::memory::desc& b) {
   return aligned(a.get_size()) + aligned(b.get_size());
 }
@@ -329,12 +340,7 @@ class OnednnLstmOp : public OpKernel {
         const Shapes s{shard.n, t, c, h};
         dnnl::stream stream(cpu_engine());
         Arena& arena = temps[i];
-        dnnl::memory weights_layer = weights_in(
-            stream, whole(s.weights_layer(tag::ldigo), ctx->input(3)), p.pd.weights_layer_desc(),
-            arena);
-        dnnl::memory weights_iter = weights_in(
-            stream, whole(s.weights_iter(tag::ldigo), ctx->input(4)), p.pd.weights_iter_desc(),
-            arena);
+        auto [weights_layer, weights_iter] = weights_for(ctx, stream, s, p.pd, arena);
         std::unordered_map<int, dnnl::memory> args{
             {DNNL_ARG_SRC_LAYER, rows(s.layer_in(), x, shard, t * c * sizeof(float))},
             {DNNL_ARG_SRC_ITER, rows(s.state(), ctx->input(1), shard, h * sizeof(float))},
@@ -409,10 +415,7 @@ class OnednnLstmGradOp : public OpKernel {
         const Shapes s{shard.n, t, c, h};
         dnnl::stream stream(cpu_engine());
         Arena& arena = temps[i];
-        dnnl::memory weights_layer = weights_in(
-            stream, whole(kernel_md, ctx->input(3)), p.pd.weights_layer_desc(), arena);
-        dnnl::memory weights_iter = weights_in(
-            stream, whole(recurrent_md, ctx->input(4)), p.pd.weights_iter_desc(), arena);
+        auto [weights_layer, weights_iter] = weights_for(ctx, stream, s, p.pd, arena);
         dnnl::memory dlayer = arena.take(p.pd.diff_weights_layer_desc());
         dnnl::memory diter = arena.take(p.pd.diff_weights_iter_desc());
         dbiases[i] = arena.take(s.bias());
