@@ -171,6 +171,8 @@ def fit(
         # Validation only predicts: big batches make it cheap, and the batch size does not change
         # what it measures.
         validation_batch_size=1024,
+        # The dataset shuffles itself, seeded; Keras would only warn that it ignores shuffle=True.
+        shuffle=False,
         epochs=params.epochs,
         callbacks=callbacks,
         verbose=verbose,
