@@ -63,10 +63,6 @@ def ops() -> types.ModuleType:
     return tf.load_op_library(str(path))
 
 
-def available() -> bool:
-    return library_path().exists()
-
-
 @tf.RegisterGradient("OnednnLstm")
 def _onednn_lstm_grad(op: tf.Operation, d_outputs, d_h, d_c, _d_workspace) -> list:
     if not op.get_attr("training"):

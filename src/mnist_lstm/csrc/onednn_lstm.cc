@@ -181,10 +181,10 @@ dnnl::lstm_backward::primitive_desc backward_desc(const Shapes& s) {
 
 size_t aligned(size_t bytes) { return (bytes + kAlign - 1) / kAlign * kAlign; }
 
-// `rows` of a batch-major tensor whose rows are `row_bytes` long, as oneDNN memory.
-dnnl::memory rows(const dnnl::memory::desc& desc, const Tensor& tensor, const Shard& shard,
-                  size_t row_bytes) {
+// A shard's rows of a batch-major tensor, as oneDNN memory described by the shard's `desc`.
+dnnl::memory rows(const dnnl::memory::desc& desc, const Tensor& tensor, const Shard& shard) {
   char* base = const_cast<char*>(tensor.tensor_data().data());
+  const size_t row_bytes = desc.get_size() / shard.n;
   return dnnl::memory(desc, cpu_engine(), base + shard.begin * row_bytes);
 }
 
@@ -229,15 +229,25 @@ dnnl::memory weights_in(dnnl::stream& stream, dnnl::memory plain,
   return copy;
 }
 
-// The op's kernel and recurrent kernel (inputs 3 and 4) in the layouts primitive `pd` chose.
+// What both primitives read: the shard's rows of x, h0 and c0 (inputs 0-2), the kernel and
+// recurrent kernel (inputs 3, 4) in the layouts primitive `pd` chose, and the bias (input 5).
 template <typename PrimitiveDesc>
-std::pair<dnnl::memory, dnnl::memory> weights_for(OpKernelContext* ctx, dnnl::stream& stream,
-                                                  const Shapes& s, const PrimitiveDesc& pd,
-                                                  Arena& arena) {
-  return {weights_in(stream, whole(s.weights_layer(tag::ldigo), ctx->input(3)),
-                     pd.weights_layer_desc(), arena),
-          weights_in(stream, whole(s.weights_iter(tag::ldigo), ctx->input(4)),
-                     pd.weights_iter_desc(), arena)};
+std::unordered_map<int, dnnl::memory> source_args(OpKernelContext* ctx, dnnl::stream& stream,
+                                                  const Shapes& s, const Shard& shard,
+                                                  const PrimitiveDesc& pd, Arena& arena) {
+  const Tensor& kernel = ctx->input(3);
+  const Tensor& recurrent_kernel = ctx->input(4);
+  return {
+      {DNNL_ARG_SRC_LAYER, rows(s.layer_in(), ctx->input(0), shard)},
+      {DNNL_ARG_SRC_ITER, rows(s.state(), ctx->input(1), shard)},
+      {DNNL_ARG_SRC_ITER_C, rows(s.state(), ctx->input(2), shard)},
+      {DNNL_ARG_WEIGHTS_LAYER,
+       weights_in(stream, whole(s.weights_layer(tag::ldigo), kernel), pd.weights_layer_desc(),
+                  arena)},
+      {DNNL_ARG_WEIGHTS_ITER,
+       weights_in(stream, whole(s.weights_iter(tag::ldigo), recurrent_kernel),
+                  pd.weights_iter_desc(), arena)},
+      {DNNL_ARG_BIAS, whole(s.bias(), ctx->input(5))}};
 }
 
 size_t weights_bytes(const dnnl::memory::desc& a, const dnnl::memory::desc& b) {
@@ -289,7 +299,8 @@ void run_shards(OpKernelContext* ctx, int threads,
   try {
     shard_threads(threads).run(tasks);
   } catch (const dnnl::error& e) {
-    ctx->CtxFailure(__FILE__, __LINE__, absl::InternalError(std::string("oneDNN LSTM: ") + e.message));
+    ctx->CtxFailure(__FILE__, __LINE__,
+                    absl::InternalError(std::string("oneDNN LSTM: ") + e.message));
   }
 }
 
@@ -340,18 +351,11 @@ class OnednnLstmOp : public OpKernel {
         const Shapes s{shard.n, t, c, h};
         dnnl::stream stream(cpu_engine());
         Arena& arena = temps[i];
-        auto [weights_layer, weights_iter] = weights_for(ctx, stream, s, p.pd, arena);
-        std::unordered_map<int, dnnl::memory> args{
-            {DNNL_ARG_SRC_LAYER, rows(s.layer_in(), x, shard, t * c * sizeof(float))},
-            {DNNL_ARG_SRC_ITER, rows(s.state(), ctx->input(1), shard, h * sizeof(float))},
-            {DNNL_ARG_SRC_ITER_C, rows(s.state(), ctx->input(2), shard, h * sizeof(float))},
-            {DNNL_ARG_WEIGHTS_LAYER, weights_layer},
-            {DNNL_ARG_WEIGHTS_ITER, weights_iter},
-            {DNNL_ARG_BIAS, whole(s.bias(), ctx->input(5))},
-            {DNNL_ARG_DST_LAYER, rows(s.layer_out(), *outputs, shard, t * h * sizeof(float))},
-            {DNNL_ARG_DST_ITER, rows(s.state(), *h_out, shard, h * sizeof(float))},
-            {DNNL_ARG_DST_ITER_C, rows(s.state(), *c_out, shard, h * sizeof(float))},
-            {DNNL_ARG_SCRATCHPAD, arena.take(p.pd.scratchpad_desc())}};
+        auto args = source_args(ctx, stream, s, shard, p.pd, arena);
+        args.insert({{DNNL_ARG_DST_LAYER, rows(s.layer_out(), *outputs, shard)},
+                     {DNNL_ARG_DST_ITER, rows(s.state(), *h_out, shard)},
+                     {DNNL_ARG_DST_ITER_C, rows(s.state(), *c_out, shard)},
+                     {DNNL_ARG_SCRATCHPAD, arena.take(p.pd.scratchpad_desc())}});
         if (training_) args.emplace(DNNL_ARG_WORKSPACE, ws);
         p.primitive.execute(stream, args);
         stream.wait();
@@ -415,36 +419,29 @@ class OnednnLstmGradOp : public OpKernel {
         const Shapes s{shard.n, t, c, h};
         dnnl::stream stream(cpu_engine());
         Arena& arena = temps[i];
-        auto [weights_layer, weights_iter] = weights_for(ctx, stream, s, p.pd, arena);
+        auto args = source_args(ctx, stream, s, shard, p.pd, arena);
         dnnl::memory dlayer = arena.take(p.pd.diff_weights_layer_desc());
         dnnl::memory diter = arena.take(p.pd.diff_weights_iter_desc());
         dbiases[i] = arena.take(s.bias());
         // oneDNN adds the weight gradients to what the buffers hold: start them at zero.
         for (const dnnl::memory& m : {dlayer, diter, dbiases[i]})
           std::memset(m.get_data_handle(), 0, m.get_desc().get_size());
-        p.primitive.execute(
-            stream,
-            {{DNNL_ARG_SRC_LAYER, rows(s.layer_in(), x, shard, t * c * sizeof(float))},
-             {DNNL_ARG_SRC_ITER, rows(s.state(), ctx->input(1), shard, h * sizeof(float))},
-             {DNNL_ARG_SRC_ITER_C, rows(s.state(), ctx->input(2), shard, h * sizeof(float))},
-             {DNNL_ARG_WEIGHTS_LAYER, weights_layer},
-             {DNNL_ARG_WEIGHTS_ITER, weights_iter},
-             {DNNL_ARG_BIAS, whole(s.bias(), ctx->input(5))},
-             {DNNL_ARG_DST_LAYER, rows(s.layer_out(), ctx->input(6), shard, t * h * sizeof(float))},
-             {DNNL_ARG_DST_ITER, rows(s.state(), ctx->input(7), shard, h * sizeof(float))},
-             {DNNL_ARG_DST_ITER_C, rows(s.state(), ctx->input(8), shard, h * sizeof(float))},
+        args.insert(
+            {{DNNL_ARG_DST_LAYER, rows(s.layer_out(), ctx->input(6), shard)},
+             {DNNL_ARG_DST_ITER, rows(s.state(), ctx->input(7), shard)},
+             {DNNL_ARG_DST_ITER_C, rows(s.state(), ctx->input(8), shard)},
              {DNNL_ARG_WORKSPACE, ws},
-             {DNNL_ARG_DIFF_DST_LAYER,
-              rows(s.layer_out(), ctx->input(10), shard, t * h * sizeof(float))},
-             {DNNL_ARG_DIFF_DST_ITER, rows(s.state(), ctx->input(11), shard, h * sizeof(float))},
-             {DNNL_ARG_DIFF_DST_ITER_C, rows(s.state(), ctx->input(12), shard, h * sizeof(float))},
-             {DNNL_ARG_DIFF_SRC_LAYER, rows(s.layer_in(), *grads[0], shard, t * c * sizeof(float))},
-             {DNNL_ARG_DIFF_SRC_ITER, rows(s.state(), *grads[1], shard, h * sizeof(float))},
-             {DNNL_ARG_DIFF_SRC_ITER_C, rows(s.state(), *grads[2], shard, h * sizeof(float))},
+             {DNNL_ARG_DIFF_DST_LAYER, rows(s.layer_out(), ctx->input(10), shard)},
+             {DNNL_ARG_DIFF_DST_ITER, rows(s.state(), ctx->input(11), shard)},
+             {DNNL_ARG_DIFF_DST_ITER_C, rows(s.state(), ctx->input(12), shard)},
+             {DNNL_ARG_DIFF_SRC_LAYER, rows(s.layer_in(), *grads[0], shard)},
+             {DNNL_ARG_DIFF_SRC_ITER, rows(s.state(), *grads[1], shard)},
+             {DNNL_ARG_DIFF_SRC_ITER_C, rows(s.state(), *grads[2], shard)},
              {DNNL_ARG_DIFF_WEIGHTS_LAYER, dlayer},
              {DNNL_ARG_DIFF_WEIGHTS_ITER, diter},
              {DNNL_ARG_DIFF_BIAS, dbiases[i]},
              {DNNL_ARG_SCRATCHPAD, arena.take(p.pd.scratchpad_desc())}});
+        p.primitive.execute(stream, args);
         dkernels[i] = arena.take(kernel_md);
         drecurrents[i] = arena.take(recurrent_md);
         dnnl::reorder(dlayer, dkernels[i]).execute(stream, dlayer, dkernels[i]);
