@@ -9,7 +9,12 @@ import pytest
 
 from mnist_lstm import contracts, tracking
 from mnist_lstm.normalize import split
-from mnist_lstm.train import _renumber_shared_objects, save_model, training_batches
+from mnist_lstm.train import (
+    _renumber_shared_objects,
+    save_model,
+    training_batches,
+    validation_batches,
+)
 
 
 def test_shared_object_ids_are_renumbered_consistently():
@@ -59,6 +64,23 @@ def test_every_image_is_trained_on_each_epoch_in_fixed_size_batches_and_seeded_o
     # Images travel with their labels.
     images, labels = next(iter(training_batches(x, y, 32, seed=7)))
     np.testing.assert_array_equal(images.numpy(), x[labels.numpy()])
+
+
+def test_images_held_as_levels_are_trained_on_as_the_float32_pixels_normalize_wrote():
+    levels = np.random.default_rng(0).integers(0, 256, (40, 28, 28), dtype=np.uint8)
+    images, labels = next(iter(training_batches(levels, np.arange(40), 16, seed=0)))
+    assert images.dtype == "float32"
+    expected = contracts.pixels_from_levels(levels[labels.numpy()])
+    assert images.numpy().tobytes() == expected.tobytes()
+
+
+def test_validation_reads_every_image_once_in_order_with_a_smaller_last_batch():
+    levels = np.random.default_rng(0).integers(0, 256, (10, 28, 28), dtype=np.uint8)
+    batches = list(validation_batches(levels, np.arange(10), 4))
+    assert [len(labels) for _, labels in batches] == [4, 4, 2]
+    np.testing.assert_array_equal(np.concatenate([labels for _, labels in batches]), range(10))
+    images = np.concatenate([images for images, _ in batches])
+    assert images.tobytes() == contracts.pixels_from_levels(levels).tobytes()
 
 
 def test_an_exact_multiple_of_the_batch_size_is_not_topped_up():

@@ -4,6 +4,8 @@ raw (fetch)         `.npz`: x_train (n,28,28) uint8, y_train (n,) uint8, x_test 
                     y_test (m,) uint8 -- the layout of Keras' own mnist.npz.
 processed           `.npz`: x_train, x_val, x_holdout (n,28,28) float32 in [0, 1];
   (normalize)       y_train, y_val, y_holdout (n,) uint8 in 0..9.
+                    Pixels are pixel levels / 255 (`pixels_from_levels`), so a reader may hold
+                    them as their uint8 levels, a quarter of the memory (`load_processed`).
 
 Every file is written atomically (temp file + rename), so an interrupted stage never leaves a
 half-written output, and every reader uses `allow_pickle=False`.
@@ -86,7 +88,53 @@ def sha256_array(arr: np.ndarray) -> str:
     return hashlib.sha256(np.ascontiguousarray(arr).tobytes()).hexdigest()
 
 
-def _read_npz(path: Path, keys: tuple[str, ...]) -> dict[str, np.ndarray]:
+def pixels_from_levels(levels: np.ndarray) -> np.ndarray:
+    """uint8 pixel levels [0, 255] -> float32 pixels [0, 1]: the tutorial's normalization."""
+    return levels.astype(np.float32) / np.float32(255.0)
+
+
+def as_pixels(images: np.ndarray) -> np.ndarray:
+    """float32 pixels of images held either way `load_processed` returns them."""
+    return pixels_from_levels(images) if images.dtype == np.uint8 else images
+
+
+# Rows converted per read when loading pixel levels: bounds the float32 bytes held at once (~6 MB).
+_LEVEL_CHUNK_ROWS = 2048
+
+
+def _read_levels(path: Path, npz: np.lib.npyio.NpzFile, key: str) -> np.ndarray | None:
+    """Image array `key` as uint8 levels, read in chunks so its float32 form is never whole in
+    memory; None unless every pixel is exactly a level / 255 (or the array is not a float32 image
+    array at all: the plain reader then reports that)."""
+    with npz.zip.open(f"{key}.npy") as member:
+        version = np.lib.format.read_magic(member)
+        read_header = (
+            np.lib.format.read_array_header_1_0
+            if version == (1, 0)
+            else np.lib.format.read_array_header_2_0
+        )
+        shape, fortran_order, dtype = read_header(member)
+        if dtype != np.dtype("<f4") or fortran_order or tuple(shape[1:]) != IMAGE_SHAPE:
+            return None
+        levels = np.empty(shape, np.uint8)
+        flat = levels.reshape(len(levels), -1)
+        for start in range(0, len(flat), _LEVEL_CHUNK_ROWS):
+            rows = flat[start : start + _LEVEL_CHUNK_ROWS]
+            chunk = np.frombuffer(member.read(rows.size * 4), np.float32)
+            if chunk.size != rows.size:
+                raise ContractError(f"{path}: array '{key}' is truncated")
+            if not (np.isfinite(chunk).all() and chunk.min() >= 0.0 and chunk.max() <= 1.0):
+                raise ContractError(f"{path}: array '{key}' must hold pixels in [0, 1]")
+            codes = np.rint(chunk * np.float32(255.0)).astype(np.uint8)
+            if not np.array_equal(pixels_from_levels(codes), chunk):
+                return None
+            rows[:] = codes.reshape(rows.shape)
+        return levels
+
+
+def _read_npz(
+    path: Path, keys: tuple[str, ...], as_levels: tuple[str, ...] = ()
+) -> dict[str, np.ndarray]:
     path = Path(path)
     if not path.is_file():
         raise ContractError(f"{path}: file not found")
@@ -97,7 +145,11 @@ def _read_npz(path: Path, keys: tuple[str, ...]) -> dict[str, np.ndarray]:
                 raise ContractError(
                     f"{path}: missing array(s) {', '.join(missing)}; expected {', '.join(keys)}"
                 )
-            return {key: npz[key] for key in keys}
+            arrays = {}
+            for key in keys:
+                levels = _read_levels(path, npz, key) if key in as_levels else None
+                arrays[key] = npz[key] if levels is None else levels
+            return arrays
     except ContractError:
         raise
     except (ValueError, OSError, EOFError, zipfile.BadZipFile) as err:
@@ -177,15 +229,20 @@ def processed_keys() -> tuple[str, ...]:
     return tuple(f"{axis}_{split}" for split in PROCESSED_SPLITS for axis in ("x", "y"))
 
 
-def check_processed(path: Path, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Raise ContractError unless `arrays` are normalized splits: float32 in [0, 1], labels 0..9."""
+def check_processed(
+    path: Path, arrays: dict[str, np.ndarray], levels: bool = False
+) -> dict[str, np.ndarray]:
+    """Raise ContractError unless `arrays` are normalized splits: float32 in [0, 1], labels 0..9.
+    With `levels`, images may also be held as uint8 pixel levels (see `load_processed`)."""
     for key in processed_keys():
         if key not in arrays:
             raise ContractError(
                 f"{path}: missing array '{key}'; expected {', '.join(processed_keys())}"
             )
         arr = arrays[key]
-        if key.startswith("x_"):
+        if key.startswith("x_") and levels and arr.dtype == np.uint8:
+            _check(path, key, arr, "uint8", (None, *IMAGE_SHAPE))
+        elif key.startswith("x_"):
             _check(path, key, arr, "float32", (None, *IMAGE_SHAPE))
             if arr.size and not (np.isfinite(arr).all() and arr.min() >= 0.0 and arr.max() <= 1.0):
                 raise ContractError(f"{path}: array '{key}' must hold pixels in [0, 1]")
@@ -196,9 +253,15 @@ def check_processed(path: Path, arrays: dict[str, np.ndarray]) -> dict[str, np.n
     return {key: arrays[key] for key in processed_keys()}
 
 
-def load_processed(path: Path) -> dict[str, np.ndarray]:
+def load_processed(path: Path, levels: bool = False) -> dict[str, np.ndarray]:
+    """The processed splits, checked. With `levels`, each image array whose pixels are all exact
+    levels / 255 (what `normalize` writes) is returned as those uint8 levels -- 47 MB instead of
+    188 MB for the training images, and never whole as float32 while loading; `as_pixels` gives
+    back the identical float32 values. Other image arrays are returned as float32."""
     path = Path(path)
-    return check_processed(path, _read_npz(path, processed_keys()))
+    keys = processed_keys()
+    as_levels = tuple(key for key in keys if levels and key.startswith("x_"))
+    return check_processed(path, _read_npz(path, keys, as_levels), levels=levels)
 
 
 def save_processed(path: Path, arrays: dict[str, np.ndarray]) -> None:

@@ -16,7 +16,6 @@ import matplotlib
 
 matplotlib.use("Agg")  # files only: no display on servers or CI
 
-import keras  # noqa: E402
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
@@ -24,6 +23,7 @@ from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from mnist_lstm import contracts, tracking  # noqa: E402
 from mnist_lstm.errors import exits_cleanly  # noqa: E402
+from mnist_lstm.runtime import keras  # noqa: E402
 
 CLASSES = list(range(contracts.NUM_CLASSES))
 

@@ -9,11 +9,10 @@ from __future__ import annotations
 
 import math
 
-import keras
-
 from mnist_lstm import onednn_lstm
 from mnist_lstm.contracts import IMAGE_SHAPE, NUM_CLASSES
 from mnist_lstm.params import TrainParams
+from mnist_lstm.runtime import keras
 
 STEPS_PER_EXECUTION = 32
 

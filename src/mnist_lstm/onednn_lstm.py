@@ -19,10 +19,8 @@ import sys
 import types
 from pathlib import Path
 
-import keras
-import tensorflow as tf
-
 from mnist_lstm.errors import UserError
+from mnist_lstm.runtime import keras, tf
 
 SOURCE = Path(__file__).parent / "csrc" / "onednn_lstm.cc"
 

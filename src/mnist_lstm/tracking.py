@@ -31,13 +31,13 @@ os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "15")
 # Stage logs and the predict CLI's output stay readable: no per-file download bars.
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
-import keras  # noqa: E402
 import mlflow  # noqa: E402
 import numpy as np  # noqa: E402
 from mlflow.exceptions import MlflowException  # noqa: E402
 from mlflow.models import Model, infer_signature  # noqa: E402
 
 from mnist_lstm.errors import UserError  # noqa: E402
+from mnist_lstm.runtime import keras  # noqa: E402
 
 EXPERIMENT = "mnist-lstm"
 MODEL_NAME = "model"

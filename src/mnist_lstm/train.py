@@ -18,22 +18,22 @@ import os
 import sys
 import time
 import zipfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
-import keras
 import numpy as np
 import pandas as pd
-import tensorflow as tf
 
 from mnist_lstm import contracts, tracking
 from mnist_lstm.errors import UserError, exits_cleanly
 from mnist_lstm.model import build_model
 from mnist_lstm.params import ParamsError, TrainParams, flatten, load_params
+from mnist_lstm.runtime import keras, limit_malloc_arenas, tf
 
 HISTORY_COLUMNS = ("epoch", "loss", "accuracy", "val_loss", "val_accuracy")
 # Splits the CPU into N logical devices: multi-device training, testable without a second device.
 CPU_DEVICES_ENV = "MNIST_LSTM_CPU_DEVICES"
+VALIDATION_BATCH_SIZE = 1024
 
 
 def set_seed(seed: int) -> None:
@@ -116,19 +116,6 @@ def training_batches(x: np.ndarray, y: np.ndarray, batch_size: int, seed: int) -
     def epoch_order(order: tf.Tensor) -> tf.Tensor:
         return tf.concat([order, order[:top_up]], axis=0)
 
-    def gather(index: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        return x[index], y[index]
-
-    def batch(index: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
-        # Rows are gathered from the NumPy arrays themselves: a TensorFlow copy of x_train would
-        # add ~280 MiB to the stage's peak memory, for no measurable speed (README "Performance").
-        images, labels = tf.numpy_function(
-            gather, [index], (tf.as_dtype(x.dtype), tf.as_dtype(y.dtype)), stateful=False
-        )
-        images.set_shape((batch_size, *x.shape[1:]))
-        labels.set_shape((batch_size,))
-        return images, labels
-
     return (
         tf.data.Dataset.range(n)
         # Reshuffled every epoch from one seed: a rerun sees the same orders.
@@ -137,12 +124,53 @@ def training_batches(x: np.ndarray, y: np.ndarray, batch_size: int, seed: int) -
         .map(epoch_order)
         .unbatch()
         .batch(batch_size, drop_remainder=True)
-        .map(batch)
+        .map(_gather_from(x, y, batch_size))
         .prefetch(2)
         # `unbatch` hides the length; Keras needs it for its progress and step count.
         .apply(tf.data.experimental.assert_cardinality(steps))
         .with_options(_without_autotune())
     )
+
+
+def validation_batches(x: np.ndarray, y: np.ndarray, batch_size: int) -> tf.data.Dataset:
+    """The images in order, `batch_size` at a time (the last batch may be smaller)."""
+    n = len(x)
+
+    def rows(start: tf.Tensor) -> tf.Tensor:
+        return tf.range(start, tf.minimum(start + batch_size, n))
+
+    return (
+        tf.data.Dataset.range(0, n, batch_size)
+        .map(rows)
+        .map(_gather_from(x, y, None))
+        .prefetch(1)
+        .with_options(_without_autotune())
+    )
+
+
+def _gather_from(
+    x: np.ndarray, y: np.ndarray, batch_size: int | None
+) -> Callable[[tf.Tensor], tuple[tf.Tensor, tf.Tensor]]:
+    """A tf.data map from row indices to (float32 pixels, labels), gathered from the NumPy arrays
+    themselves and converted batch by batch.
+
+    A TensorFlow copy of the images (what Keras makes of arrays) would add ~280 MiB to the stage's
+    peak memory for no measurable speed, and images held as uint8 levels (`load_processed`) cost a
+    quarter of float32 (README "Performance"); `as_pixels` gives the exact float32 values.
+    """
+
+    def gather(index: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return contracts.as_pixels(x[index]), y[index]
+
+    def batch(index: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        images, labels = tf.numpy_function(
+            gather, [index], (tf.float32, tf.as_dtype(y.dtype)), stateful=False
+        )
+        images.set_shape((batch_size, *x.shape[1:]))
+        labels.set_shape((batch_size,))
+        return images, labels
+
+    return batch
 
 
 def _without_autotune() -> tf.data.Options:
@@ -164,13 +192,12 @@ def fit(
 ) -> pd.DataFrame:
     """Train as the tutorial does; the per-epoch history as a table. With several replicas each
     step takes `batch_size` images per replica, the dataset yields the global batch."""
-    (x_train, y_train), validation = training_splits(data, params.tuning_split)
+    (x_train, y_train), (x_val, y_val) = training_splits(data, params.tuning_split)
     history = model.fit(
         training_batches(x_train, y_train, params.batch_size * replicas, params.seed),
-        validation_data=validation,
         # Validation only predicts: big batches make it cheap, and the batch size does not change
         # what it measures.
-        validation_batch_size=1024,
+        validation_data=validation_batches(x_val, y_val, VALIDATION_BATCH_SIZE),
         # The dataset shuffles itself, seeded; Keras would only warn that it ignores shuffle=True.
         shuffle=False,
         epochs=params.epochs,
@@ -240,7 +267,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     fetch_params, normalize_params, params = load_params(args.params, "fetch", "normalize", "train")
-    data = contracts.load_processed(args.data)
+    limit_malloc_arenas()
+    # Images as uint8 levels, converted to the same float32 batch by batch: ~160 MiB less memory.
+    data = contracts.load_processed(args.data, levels=True)
     split_cpu(os.environ)
     set_seed(params.seed)
     (x_fit, _), _ = training_splits(data, params.tuning_split)  # refuses a bad split up front
@@ -269,7 +298,7 @@ def main(argv: list[str] | None = None) -> int:
         save_history(args.history, history)
         tracking.log_training(
             model,
-            data["x_val"][:2],
+            contracts.as_pixels(data["x_val"][:2]),
             lineage={
                 tracking.TAG_PROCESSED_MD5: contracts.md5_file(args.data),
                 tracking.TAG_MODEL_MD5: model_md5,
