@@ -116,7 +116,7 @@ def test_sigterm_during_training_stops_it_marks_the_run_killed_and_writes_nothin
     proc, out = start_training(stage_env, tmp_path, write_params, "Epoch 3/")
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=60)
-    assert proc.returncode == 130
+    assert proc.returncode == 130, err[-3000:]
     assert "error: interrupted (SIGTERM)" in err and "Traceback" not in err
     assert not (out / "model.keras").exists() and not (out / "history.csv").exists()
     assert not [p for p in tmp_path.rglob(".*") if p.is_file()]  # no temp files either
@@ -221,3 +221,16 @@ def test_params_under_the_home_directory_are_logged_without_it(monkeypatch):
     assert tracking._portable("/home/alice/data/mnist.npz") == "~/data/mnist.npz"
     assert tracking._portable("/srv/data/mnist.npz") == "/srv/data/mnist.npz"
     assert tracking._portable(64) == 64
+
+
+def test_an_interrupt_during_fit_is_held_until_a_safe_point_then_raised():
+    from mnist_lstm.errors import interrupts_held
+
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(KeyboardInterrupt, match="SIGTERM"):
+        with interrupts_held() as check:
+            os.kill(os.getpid(), signal.SIGTERM)  # handled at once, but only recorded
+            reached_safe_point = True
+            check()
+    assert reached_safe_point
+    assert signal.getsignal(signal.SIGTERM) is before

@@ -66,6 +66,18 @@ def test_every_image_is_trained_on_each_epoch_in_fixed_size_batches_and_seeded_o
     np.testing.assert_array_equal(images.numpy(), x[labels.numpy()])
 
 
+def test_an_epoch_longer_than_one_gather_keeps_every_batch_whole_and_with_its_labels():
+    from mnist_lstm.train import GATHER_GROUP
+
+    n = 2 * GATHER_GROUP + 5  # batches of 2: two full gathers and a short third one
+    x = np.arange(n * 28 * 28, dtype=np.float32).reshape(n, 28, 28)
+    batches = list(training_batches(x, np.arange(n), 2, seed=3))
+    assert [len(labels) for _, labels in batches] == [2] * -(-n // 2)
+    assert sorted(set(np.concatenate([labels for _, labels in batches]))) == list(range(n))
+    for images, labels in batches:
+        np.testing.assert_array_equal(images.numpy(), x[labels.numpy()])
+
+
 def test_images_held_as_levels_are_trained_on_as_the_float32_pixels_normalize_wrote():
     levels = np.random.default_rng(0).integers(0, 256, (40, 28, 28), dtype=np.uint8)
     images, labels = next(iter(training_batches(levels, np.arange(40), 16, seed=0)))

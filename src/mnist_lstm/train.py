@@ -13,6 +13,7 @@ uses to find it again.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import sys
@@ -25,7 +26,7 @@ import numpy as np
 import pandas as pd
 
 from mnist_lstm import contracts, tracking
-from mnist_lstm.errors import UserError, exits_cleanly
+from mnist_lstm.errors import UserError, exits_cleanly, interrupts_held
 from mnist_lstm.model import build_model
 from mnist_lstm.params import ParamsError, TrainParams, flatten, load_params
 from mnist_lstm.runtime import keras, limit_malloc_arenas, tf
@@ -34,6 +35,9 @@ HISTORY_COLUMNS = ("epoch", "loss", "accuracy", "val_loss", "val_accuracy")
 # Splits the CPU into N logical devices: multi-device training, testable without a second device.
 CPU_DEVICES_ENV = "MNIST_LSTM_CPU_DEVICES"
 VALIDATION_BATCH_SIZE = 1024
+# Training steps whose images one Python call gathers: a call per step cost ~0.1 s of CPU per epoch
+# on this 2-core machine, taken from the training threads.
+GATHER_GROUP = 32
 
 
 def set_seed(seed: int) -> None:
@@ -113,18 +117,20 @@ def training_batches(x: np.ndarray, y: np.ndarray, batch_size: int, seed: int) -
     steps = -(-n // batch_size)
     top_up = steps * batch_size - n
 
-    def epoch_order(order: tf.Tensor) -> tf.Tensor:
-        return tf.concat([order, order[:top_up]], axis=0)
+    def epoch_steps(order: tf.Tensor) -> tf.Tensor:
+        return tf.reshape(tf.concat([order, order[:top_up]], axis=0), (steps, batch_size))
 
     return (
         tf.data.Dataset.range(n)
         # Reshuffled every epoch from one seed: a rerun sees the same orders.
         .shuffle(n, seed=seed, reshuffle_each_iteration=True)
         .batch(n)
-        .map(epoch_order)
+        .map(epoch_steps)
         .unbatch()
-        .batch(batch_size, drop_remainder=True)
-        .map(_gather_from(x, y, batch_size))
+        # Rows for GATHER_GROUP steps at a time, then split into the steps again.
+        .batch(GATHER_GROUP)
+        .map(_gather_from(x, y, (None, batch_size)))
+        .unbatch()
         .prefetch(2)
         # `unbatch` hides the length; Keras needs it for its progress and step count.
         .apply(tf.data.experimental.assert_cardinality(steps))
@@ -142,21 +148,22 @@ def validation_batches(x: np.ndarray, y: np.ndarray, batch_size: int) -> tf.data
     return (
         tf.data.Dataset.range(0, n, batch_size)
         .map(rows)
-        .map(_gather_from(x, y, None))
+        .map(_gather_from(x, y, (None,)))
         .prefetch(1)
         .with_options(_without_autotune())
     )
 
 
 def _gather_from(
-    x: np.ndarray, y: np.ndarray, batch_size: int | None
+    x: np.ndarray, y: np.ndarray, index_shape: tuple[int | None, ...]
 ) -> Callable[[tf.Tensor], tuple[tf.Tensor, tf.Tensor]]:
-    """A tf.data map from row indices to (float32 pixels, labels), gathered from the NumPy arrays
-    themselves and converted batch by batch.
+    """A tf.data map from an array of row indices to (float32 pixels, labels) of that shape,
+    gathered from the NumPy arrays themselves.
 
-    A TensorFlow copy of the images (what Keras makes of arrays) would add ~280 MiB to the stage's
-    peak memory for no measurable speed, and images held as uint8 levels (`load_processed`) cost a
-    quarter of float32 (README "Performance"); `as_pixels` gives the exact float32 values.
+    A TensorFlow copy of the images (`tf.constant`, or what Keras makes of arrays) raised the
+    stage's peak memory by 190-280 MiB; images held as uint8 levels (`load_processed`) cost a
+    quarter of float32, and `as_pixels` gives the exact float32 values `normalize` wrote. Each call
+    is a Python callback (~0.2 ms), hence GATHER_GROUP steps per call (README "Performance").
     """
 
     def gather(index: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -166,8 +173,8 @@ def _gather_from(
         images, labels = tf.numpy_function(
             gather, [index], (tf.float32, tf.as_dtype(y.dtype)), stateful=False
         )
-        images.set_shape((batch_size, *x.shape[1:]))
-        labels.set_shape((batch_size,))
+        images.set_shape((*index_shape, *x.shape[1:]))
+        labels.set_shape(index_shape)
         return images, labels
 
     return batch
@@ -182,6 +189,19 @@ def _without_autotune() -> tf.data.Options:
     return options
 
 
+class _StopOnInterrupt(keras.callbacks.Callback):
+    """Raises a held SIGINT/SIGTERM between steps (see errors.interrupts_held)."""
+
+    def __init__(self, check: Callable[[], None]) -> None:
+        super().__init__()
+        self._check = check
+
+    def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
+        self._check()
+
+    on_test_batch_end = on_epoch_begin = on_epoch_end = on_train_batch_end
+
+
 def fit(
     model: keras.Model,
     data: dict[str, np.ndarray],
@@ -193,17 +213,20 @@ def fit(
     """Train as the tutorial does; the per-epoch history as a table. With several replicas each
     step takes `batch_size` images per replica, the dataset yields the global batch."""
     (x_train, y_train), (x_val, y_val) = training_splits(data, params.tuning_split)
-    history = model.fit(
-        training_batches(x_train, y_train, params.batch_size * replicas, params.seed),
-        # Validation only predicts: big batches make it cheap, and the batch size does not change
-        # what it measures.
-        validation_data=validation_batches(x_val, y_val, VALIDATION_BATCH_SIZE),
-        # The dataset shuffles itself, seeded; Keras would only warn that it ignores shuffle=True.
-        shuffle=False,
-        epochs=params.epochs,
-        callbacks=callbacks,
-        verbose=verbose,
-    )
+    # Ctrl-C and SIGTERM stop training between steps, never inside TensorFlow's Python code.
+    with interrupts_held() as check:
+        history = model.fit(
+            training_batches(x_train, y_train, params.batch_size * replicas, params.seed),
+            # Validation only predicts: big batches make it cheap, and the batch size does not
+            # change what it measures.
+            validation_data=validation_batches(x_val, y_val, VALIDATION_BATCH_SIZE),
+            # The dataset shuffles itself, seeded; Keras would only warn that it ignores
+            # shuffle=True.
+            shuffle=False,
+            epochs=params.epochs,
+            callbacks=[*callbacks, _StopOnInterrupt(check)],
+            verbose=verbose,
+        )
     table = pd.DataFrame(history.history)
     table.insert(0, "epoch", np.arange(1, len(table) + 1))
     return table[list(HISTORY_COLUMNS)]
@@ -268,6 +291,10 @@ def main(argv: list[str] | None = None) -> int:
 
     fetch_params, normalize_params, params = load_params(args.params, "fetch", "normalize", "train")
     limit_malloc_arenas()
+    # TensorFlow, Keras and MLflow leave ~400,000 Python objects that live as long as the
+    # process. Frozen, the garbage collector stops walking them in every full collection during
+    # training and once more at exit (README "Performance").
+    gc.freeze()
     # Images as uint8 levels, converted to the same float32 batch by batch: ~160 MiB less memory.
     data = contracts.load_processed(args.data, levels=True)
     split_cpu(os.environ)
