@@ -41,7 +41,7 @@ def interrupts_held() -> Iterator[Callable[[], None]]:
 
     For Keras' `fit`: an interrupt raised at an arbitrary bytecode can land inside TensorFlow's
     own Python code -- creating an epoch's dataset iterator, say -- and leave its C++ state half
-    built: about 4 in 10 SIGTERMs mid-training ended in a glibc heap-corruption abort (status -6)
+    built: about 3 in 8 SIGTERMs mid-training ended in a glibc heap-corruption abort (status -6)
     instead of the clean exit below. Checked between steps, it stops within one call of
     `steps_per_execution` steps.
     """
