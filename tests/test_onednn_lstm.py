@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import subprocess
 import sys
 import textwrap
@@ -52,7 +51,7 @@ def outputs_and_gradients(model: keras.Model, x: np.ndarray) -> tuple[np.ndarray
     ],
 )
 def test_fused_lstm_matches_keras_outputs_and_gradients(
-    bidirectional, return_sequences, layers, batch
+    bidirectional, return_sequences, layers, batch, fused_op
 ):
     keras_model = lstm_model(bidirectional, return_sequences, layers)
     fused_model = lstm_model(bidirectional, return_sequences, layers)
@@ -72,7 +71,7 @@ def test_fused_lstm_matches_keras_outputs_and_gradients(
         np.testing.assert_allclose(traced.numpy(), reference, atol=1e-4, rtol=1e-4)
 
 
-def test_inference_mode_predicts_the_same_and_refuses_a_gradient():
+def test_inference_mode_predicts_the_same_and_refuses_a_gradient(fused_op):
     keras_model = lstm_model(bidirectional=True, return_sequences=False)
     fused_model = lstm_model(bidirectional=True, return_sequences=False)
     fused_model.set_weights(keras_model.get_weights())
@@ -87,7 +86,7 @@ def test_inference_mode_predicts_the_same_and_refuses_a_gradient():
         tape.gradient(y, fused_model.trainable_variables)
 
 
-def test_fused_lstm_gives_the_same_bits_every_time():
+def test_fused_lstm_gives_the_same_bits_every_time(fused_op):
     model = lstm_model(bidirectional=False, return_sequences=False)
     onednn_lstm.use_onednn(model)
     x = np.random.default_rng(3).normal(size=(64, 7, 5)).astype(np.float32)
@@ -98,8 +97,8 @@ def test_fused_lstm_gives_the_same_bits_every_time():
         assert all(np.array_equal(a, b) for a, b in zip(grads, first_grads))
 
 
-def test_training_through_the_fused_op_saves_a_plain_keras_lstm(tmp_path):
-    model = build_model(TUTORIAL, n_train=32)
+def test_training_through_the_fused_op_saves_a_plain_keras_lstm(tmp_path, fused_op):
+    model = build_model(TUTORIAL, n_train=32, kernel="onednn")
     x = np.random.default_rng(0).random((32, 28, 28), dtype=np.float32)
     y = np.arange(32) % 10
     before = model.get_layer("lstm").get_weights()[0].copy()
@@ -126,23 +125,23 @@ def test_training_through_the_fused_op_saves_a_plain_keras_lstm(tmp_path):
     )
 
 
-def test_a_missing_op_library_says_how_to_build_it(tmp_path, monkeypatch):
-    monkeypatch.setattr(onednn_lstm, "library_path", lambda: tmp_path / "onednn_lstm.so")
-    onednn_lstm.ops.cache_clear()
-    try:
-        with pytest.raises(UserError, match=r"onednn_lstm.so is missing.*make install"):
-            build_model(TUTORIAL)
-    finally:
-        onednn_lstm.ops.cache_clear()
+def test_the_keras_kernel_leaves_keras_loop_in_place(fused_op):
+    assert "inner_loop" not in vars(build_model(TUTORIAL, kernel="keras").get_layer("lstm"))
+    assert "inner_loop" in vars(build_model(TUTORIAL, kernel="onednn").get_layer("lstm"))
 
 
-def test_the_keras_kernel_leaves_keras_loop_in_place():
-    model = build_model(dataclasses.replace(TUTORIAL, lstm_kernel="keras"))
-    assert "inner_loop" not in vars(model.get_layer("lstm"))
-    assert "inner_loop" in vars(build_model(TUTORIAL).get_layer("lstm"))
+def test_keras_still_calls_the_inner_loop_hook_the_fused_op_replaces(fused_op, monkeypatch):
+    """The op rides on a Keras internal (LSTM.inner_loop); if Keras stopped calling it, training
+    would silently take the slow path with every other test green."""
+    model = build_model(TUTORIAL, n_train=32, kernel="onednn")
+    calls = []
+    original = onednn_lstm.lstm
+    monkeypatch.setattr(onednn_lstm, "lstm", lambda *a, **k: calls.append(1) or original(*a, **k))
+    model.predict(np.zeros((2, 28, 28), np.float32), verbose=0)
+    assert calls
 
 
-def test_a_layer_the_op_cannot_run_is_refused_by_name():
+def test_a_layer_the_op_cannot_run_is_refused_by_name(fused_op):
     model = keras.Sequential([keras.Input((7, 5)), keras.layers.LSTM(4, activation="relu")])
     with pytest.raises(UserError, match=r"'lstm.*activation is not tanh"):
         onednn_lstm.use_onednn(model)

@@ -35,14 +35,19 @@ def learning_rate(
 
 
 def build_model(
-    params: TrainParams, n_train: int = 60_000, replicas: int = 1, unroll: bool = True
+    params: TrainParams,
+    n_train: int = 60_000,
+    replicas: int = 1,
+    unroll: bool = True,
+    kernel: str = "keras",
 ) -> keras.Model:
     """The row-reading LSTM classifier, compiled as the tutorial compiles it.
 
     `replicas` devices each take `batch_size` images per step (the global batch), so an epoch has
     ceil(n_train / (batch_size * replicas)) steps; build it inside the strategy's scope.
-    `unroll=False` leaves the LSTM to Keras' cuDNN kernel on a GPU (unrolling rules it out); it
-    only matters with `lstm_kernel: keras`.
+    `unroll=False` leaves the LSTM to Keras' cuDNN kernel on a GPU (unrolling rules it out).
+    `kernel` is the one `onednn_lstm.choose_kernel` chose for `params.lstm_kernel`: "keras" (every
+    platform) or "onednn" (the fused op, where it is built).
     """
     # A fixed length of 28 rows (the tutorial allows None) lets the LSTM unroll the same way every
     # batch; the weights are identical either way.
@@ -75,7 +80,7 @@ def build_model(
     # Logits, not probabilities: the loss applies the softmax itself (from_logits=True).
     layers.append(keras.layers.Dense(NUM_CLASSES, name="logits"))
     model = keras.Sequential(layers, name="mnist_lstm")
-    if params.lstm_kernel == "onednn":
+    if kernel == "onednn":
         # The same layers and weights, trained through one fused oneDNN kernel per layer and
         # direction instead of ~40 TensorFlow ops per timestep; the saved model stays plain Keras.
         onednn_lstm.use_onednn(model)

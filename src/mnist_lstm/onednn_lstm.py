@@ -7,58 +7,55 @@ the whole sequence and its gradient. `use_onednn(model)` routes a model's LSTM l
 
 The layers stay `keras.layers.LSTM` with the same weights, initialisation and config: the saved
 model is a plain Keras model that loads and predicts anywhere, without this library. The op is
-built into the venv by `make install` (`python -m mnist_lstm.onednn_lstm build`).
+optional: `onednn_build` says whether it can exist here and builds it; `choose_kernel` decides
+per run whether training uses it (`train.lstm_kernel`).
 """
 
 from __future__ import annotations
 
-import argparse
 import functools
-import subprocess
-import sys
 import types
-from pathlib import Path
 
+from mnist_lstm import onednn_build
 from mnist_lstm.errors import UserError
 from mnist_lstm.runtime import keras, tf
 
-SOURCE = Path(__file__).parent / "csrc" / "onednn_lstm.cc"
+KERNELS = ("onednn", "keras")
 
 
-def library_path(prefix: str = sys.prefix) -> Path:
-    """Built per environment (it links that environment's TensorFlow and oneDNN), so it lives in
-    the venv, outside the sources DVC hashes."""
-    return Path(prefix) / "lib" / "mnist-lstm" / "onednn_lstm.so"
+def choose_kernel(requested: str) -> tuple[str, str]:
+    """The LSTM kernel training uses for `train.lstm_kernel` (auto, onednn or keras), and why, in
+    words for the stage's log.
 
-
-def build(out: Path, prefix: str = sys.prefix) -> None:
-    """Compile the op against this TensorFlow and the oneDNN wheel installed in `prefix`."""
-    lib = Path(prefix) / "lib"
-    if not (lib / "libdnnl.so").exists():
-        raise UserError(f"{lib / 'libdnnl.so'} is missing: install the locked onednn-cpu-gomp")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    # TensorFlow's headers as system headers: their warnings are not ours.
-    tf_flags = [
-        f"-isystem{flag[2:]}" if flag.startswith("-I") else flag
-        for flag in tf.sysconfig.get_compile_flags()
-    ]
-    command = [
-        "g++", "-O2", "-Wall", "-shared", "-fPIC", str(SOURCE), "-o", str(out),
-        *tf_flags, f"-I{Path(prefix) / 'include'}",
-        *tf.sysconfig.get_link_flags(), f"-L{lib}", "-ldnnl", "-lgomp", f"-Wl,-rpath,{lib}",
-    ]  # fmt: skip
-    subprocess.run(command, check=True)
+    `auto` takes the fused op where it is built from the current source (or can be rebuilt) and the
+    model trains on a CPU; Keras' own LSTM otherwise (its cuDNN kernel on a GPU). `onednn` insists
+    and fails in one line when it cannot have it.
+    """
+    if requested == "keras":
+        return "keras", "train.lstm_kernel: keras"
+    gpus = tf.config.list_logical_devices("GPU")
+    try:
+        if gpus:
+            raise onednn_build.OpUnavailable(
+                f"{len(gpus)} GPU(s) visible and the op runs on the CPU only "
+                "(CUDA_VISIBLE_DEVICES=-1 hides them)"
+            )
+        ops()
+    except onednn_build.OpUnavailable as err:
+        if requested == "onednn":
+            raise onednn_build.OpUnavailable(
+                f"train.lstm_kernel: onednn, but {err} (or set train.lstm_kernel: auto)"
+            ) from None
+        why = "Keras' cuDNN kernel on the GPU" if gpus else onednn_build.COST
+        return "keras", f"train.lstm_kernel: auto, and the oneDNN op is unusable: {err}; {why}"
+    return "onednn", f"train.lstm_kernel: {requested}; the fused oneDNN op, built from this source"
 
 
 @functools.cache
 def ops() -> types.ModuleType:
-    path = library_path()
-    if not path.exists():
-        raise UserError(
-            f"{path} is missing: the oneDNN LSTM op is built by `make install` "
-            "(or set train.lstm_kernel: keras)"
-        )
-    return tf.load_op_library(str(path))
+    """The op library, checked to be built from the current source (rebuilt when it is not and a
+    compiler is at hand): never an old binary for a new source."""
+    return tf.load_op_library(str(onednn_build.current_library()))
 
 
 @tf.RegisterGradient("OnednnLstm")
@@ -147,17 +144,3 @@ def _lstm_layers(model: keras.Model) -> list[keras.layers.LSTM]:
         elif isinstance(layer, keras.layers.LSTM):
             found.append(layer)
     return found
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Build the oneDNN LSTM op into this venv.")
-    parser.add_argument("command", choices=["build"])
-    parser.add_argument("--out", type=Path, default=library_path())
-    args = parser.parse_args(argv)
-    build(args.out)
-    print(f"built {args.out}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

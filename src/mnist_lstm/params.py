@@ -24,7 +24,7 @@ FETCH_SOURCES = ("auto", "keras", "package", "path")
 OPTIMIZERS = ("sgd", "adam", "rmsprop")
 SCHEDULES = ("constant", "cosine")
 DISTRIBUTE = ("auto", "off")
-LSTM_KERNELS = ("onednn", "keras")
+LSTM_KERNELS = ("auto", "onednn", "keras")
 # The holdout comes from the 10,000 test images and validation needs at least one of them.
 MAX_HOLDOUT = 9999
 

@@ -10,7 +10,6 @@ id ever lands in a DVC output, and the hash in dvc.lock finds the run(s) that ma
 from __future__ import annotations
 
 import contextlib
-import importlib.metadata
 import os
 import socket
 import subprocess
@@ -37,7 +36,7 @@ from mlflow.exceptions import MlflowException  # noqa: E402
 from mlflow.models import Model, infer_signature  # noqa: E402
 
 from mnist_lstm.errors import UserError  # noqa: E402
-from mnist_lstm.runtime import keras  # noqa: E402
+from mnist_lstm.runtime import keras, tf  # noqa: E402
 
 EXPERIMENT = "mnist-lstm"
 MODEL_NAME = "model"
@@ -150,13 +149,12 @@ class _KerasFlavor:
 
 
 def _requirements() -> list[str]:
-    # Pinned from this environment instead of inferred: inference reloads the model in a
-    # subprocess, and the pins are what the model was actually trained and tested with.
-    pins = []
-    for dist in ("keras", "tensorflow-cpu", "tensorflow", "numpy"):
-        with contextlib.suppress(importlib.metadata.PackageNotFoundError):
-            pins.append(f"{dist}=={importlib.metadata.version(dist)}")
-    return pins
+    """Pinned from this environment instead of inferred (inference reloads the model in a
+    subprocess); the pins are what the model was trained and tested with. Named by the
+    platform-neutral distributions, whatever this machine installed: `tensorflow` ships for Linux,
+    macOS and Windows (CPU and GPU), `tensorflow-cpu` for two of them. NumPy is left to
+    TensorFlow's own bounds: its newest release differs by Python version."""
+    return [f"tensorflow=={tf.__version__}", f"keras=={keras.__version__}"]
 
 
 def log_model(model: keras.Model, input_example: np.ndarray) -> str:

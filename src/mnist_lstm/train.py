@@ -28,9 +28,12 @@ import pandas as pd
 from mnist_lstm import contracts, tracking
 from mnist_lstm.errors import UserError, exits_cleanly, interrupts_held
 from mnist_lstm.model import build_model
+from mnist_lstm.onednn_lstm import choose_kernel
 from mnist_lstm.params import ParamsError, TrainParams, flatten, load_params
 from mnist_lstm.runtime import keras, limit_malloc_arenas, tf
 
+# The run's tag for the LSTM kernel training used (onednn or keras): `auto` differs by machine.
+TAG_LSTM_KERNEL = "train.lstm_kernel_used"
 HISTORY_COLUMNS = ("epoch", "loss", "accuracy", "val_loss", "val_accuracy")
 # Splits the CPU into N logical devices: multi-device training, testable without a second device.
 CPU_DEVICES_ENV = "MNIST_LSTM_CPU_DEVICES"
@@ -302,14 +305,20 @@ def main(argv: list[str] | None = None) -> int:
     (x_fit, _), _ = training_splits(data, params.tuning_split)  # refuses a bad split up front
     strategy = strategy_for(params)
     replicas = strategy.num_replicas_in_sync
+    # The fused oneDNN op where it is built and usable, else Keras' own LSTM (cuDNN on a GPU).
+    kernel, why = choose_kernel(params.lstm_kernel)
+    print(f"train: LSTM kernel {kernel} ({why})", flush=True)
     # On a GPU the LSTM runs Keras' cuDNN kernel, which an unrolled graph would rule out.
     on_gpu = bool(tf.config.list_logical_devices("GPU"))
     with strategy.scope():
-        model = build_model(params, n_train=len(x_fit), replicas=replicas, unroll=not on_gpu)
+        model = build_model(
+            params, n_train=len(x_fit), replicas=replicas, unroll=not on_gpu, kernel=kernel
+        )
     model.summary()
     facts = {
         "train.replicas": str(replicas),
         "train.global_batch_size": str(params.batch_size * replicas),
+        TAG_LSTM_KERNEL: kernel,
     }
     with tracking.training_run(
         run_name(params), flatten(fetch_params, normalize_params, params), facts

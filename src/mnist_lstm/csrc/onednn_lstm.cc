@@ -11,7 +11,9 @@
 // TensorFlow, whose OpenMP team spins against TensorFlow's own threads. A fixed shard count (not
 // the machine's core count) keeps results identical from machine to machine.
 //
-// Built by `make install` (python -m mnist_lstm.onednn_lstm build) against the venv's oneDNN.
+// Built by `make install` (python -m mnist_lstm.onednn_build) against the venv's oneDNN, which
+// passes the sha256 of this file as MNIST_LSTM_SOURCE_SHA256: the loader reads it back and never
+// loads a library built from another version of this source.
 #include <omp.h>
 
 #include <algorithm>
@@ -30,6 +32,14 @@
 #include "tensorflow/core/framework/op.h"
 #include "tensorflow/core/framework/op_kernel.h"
 #include "tensorflow/core/framework/shape_inference.h"
+
+#ifndef MNIST_LSTM_SOURCE_SHA256
+#error "build with `python -m mnist_lstm.onednn_build`, which defines MNIST_LSTM_SOURCE_SHA256"
+#endif
+
+// Kept in the binary (used) and exported, so the loader finds it in the file's bytes.
+extern "C" __attribute__((used, visibility("default"))) const char kMnistLstmSourceHash[] =
+    "mnist-lstm-onednn-source-sha256:" MNIST_LSTM_SOURCE_SHA256;
 
 namespace {
 

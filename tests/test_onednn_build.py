@@ -1,0 +1,133 @@
+"""The fused op is optional: where it cannot be built or loaded, installation and training go on with
+Keras' LSTM and say so in one line; a library built from another source is never loaded."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import without_compiler
+from mnist_lstm import onednn_build, onednn_lstm
+
+needs_onednn_wheel = pytest.mark.skipif(
+    onednn_build.platform_problem() is not None
+    or not (Path(sys.prefix) / "lib" / "libdnnl.so").exists(),
+    reason="the oneDNN wheel exists for Linux x86-64 only",
+)
+
+
+@pytest.fixture
+def hidden_op(tmp_path, monkeypatch) -> Path:
+    """No op library where training looks for one, and no compiler to build one."""
+    folder = tmp_path / "op"
+    folder.mkdir()
+    monkeypatch.setenv(onednn_build.OP_DIR_ENV, str(folder))
+    monkeypatch.setenv("PATH", str(tmp_path / "empty-bin"))
+    monkeypatch.delenv("CXX", raising=False)
+    onednn_lstm.ops.cache_clear()
+    yield folder
+    onednn_lstm.ops.cache_clear()
+
+
+def install_step(env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "mnist_lstm.onednn_build", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+
+
+def test_auto_falls_back_to_keras_and_says_why_and_what_it_costs(hidden_op):
+    kernel, why = onednn_lstm.choose_kernel("auto")
+    assert kernel == "keras"
+    assert "\n" not in why
+    assert "oneDNN LSTM op is not built" in why or "Linux x86-64 only" in why
+    assert "slower per epoch" in why
+    assert onednn_lstm.choose_kernel("keras") == ("keras", "train.lstm_kernel: keras")
+
+
+def test_onednn_insists_and_fails_in_one_line_naming_the_way_out(hidden_op):
+    with pytest.raises(onednn_build.OpUnavailable) as caught:
+        onednn_lstm.choose_kernel("onednn")
+    message = str(caught.value)
+    assert "\n" not in message
+    assert message.startswith("train.lstm_kernel: onednn, but ")
+    assert message.endswith("(or set train.lstm_kernel: auto)")
+
+
+def test_install_without_a_compiler_skips_the_op_in_one_line_and_goes_on(tmp_path):
+    env = {**os.environ, onednn_build.OP_DIR_ENV: str(tmp_path)}
+    env.pop("CXX", None)
+    result = subprocess.run(
+        without_compiler([sys.executable, "-m", "mnist_lstm.onednn_build"]),
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("oneDNN LSTM op: skipped (")
+    assert "slower per epoch" in lines[0] and "Installation goes on" in lines[0]
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "onednn_lstm.so").exists()
+
+
+@needs_onednn_wheel
+def test_a_failed_compile_is_one_line_with_its_log_and_installation_goes_on(tmp_path):
+    broken = tmp_path / "broken-c++"
+    broken.write_text("#!/bin/sh\necho 'onednn_lstm.cc:1: error: expected something' >&2\nexit 1\n")
+    broken.chmod(0o755)
+    env = {**os.environ, onednn_build.OP_DIR_ENV: str(tmp_path), "CXX": str(broken)}
+    result = install_step(env)
+    assert result.returncode == 0 and "Traceback" not in result.stderr
+    log = tmp_path / "build.log"
+    assert result.stdout.strip() == (
+        f"oneDNN LSTM op: skipped (compiling the oneDNN LSTM op failed (exit 1); see {log}); "
+        f"{onednn_build.COST}. Installation goes on."
+    )
+    assert "expected something" in log.read_text()
+    assert not (tmp_path / "onednn_lstm.so").exists()
+    required = install_step(env, "--require")
+    assert required.returncode == 1
+    assert required.stderr.strip().splitlines() == [
+        f"error: compiling the oneDNN LSTM op failed (exit 1); see {log}"
+    ]
+
+
+def stale_library(folder: Path) -> Path:
+    """A library file whose embedded hash is some other source's."""
+    path = folder / "onednn_lstm.so"
+    path.write_bytes(b"\x7fELF..." + onednn_build.HASH_MARKER + b"0" * 64 + b"\0...")
+    return path
+
+
+def test_the_embedded_source_hash_is_read_back_from_the_library(tmp_path):
+    path = stale_library(tmp_path)
+    assert onednn_build.built_hash(path) == "0" * 64
+    assert onednn_build.built_hash(tmp_path / "missing.so") is None
+
+
+def test_a_library_built_from_another_source_is_refused_when_it_cannot_be_rebuilt(hidden_op):
+    stale_library(hidden_op)
+    if onednn_build.platform_problem():
+        pytest.skip(onednn_build.platform_problem())
+    with pytest.raises(onednn_build.OpUnavailable, match="was built from another onednn_lstm.cc"):
+        onednn_build.current_library()
+    kernel, why = onednn_lstm.choose_kernel("auto")
+    assert kernel == "keras" and "was built from another onednn_lstm.cc" in why
+
+
+@needs_onednn_wheel
+def test_a_library_built_from_another_source_is_rebuilt_before_loading(tmp_path, monkeypatch):
+    if onednn_build.compiler() is None:
+        pytest.skip("no C++ compiler on PATH")
+    monkeypatch.setenv(onednn_build.OP_DIR_ENV, str(tmp_path))
+    path = stale_library(tmp_path)
+    assert onednn_build.current_library() == path
+    assert onednn_build.built_hash(path) == onednn_build.source_hash()
+    assert path.stat().st_size > 100_000  # a real library replaced the stale bytes
