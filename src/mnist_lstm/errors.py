@@ -29,6 +29,8 @@ def _restart_system_calls() -> None:
     # The kernel hands a process's SIGTERM/SIGINT to any of its threads, and Python installs
     # handlers without SA_RESTART: a TensorFlow or oneDNN worker's blocking call would fail with
     # EINTR. With it the call resumes; the handler itself still runs in the main thread.
+    if not hasattr(signal, "siginterrupt"):  # Windows: no EINTR to restart from
+        return
     for signum in INTERRUPTS:
         signal.siginterrupt(signum, False)
 

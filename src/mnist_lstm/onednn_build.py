@@ -1,4 +1,4 @@
-"""The fused LSTM op's shared library: whether it can exist here, whether it is current, building it.
+"""The fused LSTM op's shared library: can it exist here, is it current, and building it.
 
 The op (`csrc/onednn_lstm.cc`) is an accelerator, never a requirement: it needs Linux x86-64, the
 oneDNN wheel (installed there only) and a C++ compiler. `make install` runs `python -m
@@ -9,7 +9,8 @@ Every build compiles the sha256 of its source into the library. `current_library
 before anything loads the op, so an edited source is rebuilt (or refused) instead of training with
 an old binary while dvc.lock records the new source.
 
-Imports no TensorFlow at module level: `make install` asks whether to build in well under a second.
+Imports no TensorFlow (a build asks a child process for its flags): `make install` learns whether
+to build in a tenth of a second.
 """
 
 from __future__ import annotations
@@ -175,9 +176,7 @@ def main(argv: list[str] | None = None) -> int:
     --require is given (then a missing op is an error)."""
     parser = argparse.ArgumentParser(description="Build the optional oneDNN LSTM op.")
     parser.add_argument("--prefix", default=sys.prefix, help="the environment to build into")
-    parser.add_argument(
-        "--require", action="store_true", help="exit 1 when the op cannot be built"
-    )
+    parser.add_argument("--require", action="store_true", help="exit 1 when the op cannot be built")
     args = parser.parse_args(argv)
     path = library_path(args.prefix)
     if built_hash(path) == source_hash():
