@@ -34,7 +34,7 @@ HASH_MARKER = b"mnist-lstm-onednn-source-sha256:"
 COMPILERS = ("g++", "c++", "clang++")
 OP_DIR_ENV = "MNIST_LSTM_OP_DIR"
 # What running without the op costs, as `make bench` measured it (README "Performance").
-COST = "Keras' LSTM trains instead, ~1.7x slower per epoch on a 2-core x86-64 CPU"
+COST = "Keras' LSTM trains instead, ~1.6x slower per epoch on a 2-core x86-64 CPU"
 
 
 class OpUnavailable(UserError):
@@ -165,7 +165,7 @@ def current_library(prefix: str | Path = sys.prefix, rebuild: bool = True) -> Pa
     problem = build_problem(prefix) if rebuild else "rebuilding is off"
     if problem:
         raise OpUnavailable(f"the oneDNN LSTM op {state} and cannot be rebuilt: {problem}")
-    print(f"oneDNN LSTM op: {state}; compiling it (~10 s)", flush=True)
+    print(f"oneDNN LSTM op: {state}; compiling it", flush=True)
     build(path, prefix)
     return path
 
