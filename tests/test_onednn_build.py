@@ -169,3 +169,16 @@ def test_dvc_repro_after_an_edit_of_the_op_source_never_trains_with_the_old_buil
     assert "Traceback" not in refused.stdout + refused.stderr
     assert (root / "dvc.lock").read_bytes() == lock
     assert not (root / "models" / "model.keras").exists()  # no model from the old build
+
+
+def test_a_library_that_does_not_load_falls_back_in_one_line(hidden_op, monkeypatch):
+    """A library built from this source against another TensorFlow (the lock changed since)."""
+    broken = hidden_op / "onednn_lstm.so"
+    broken.write_bytes(b"not a shared object " + onednn_build.HASH_MARKER + b"0" * 64)
+    monkeypatch.setattr(onednn_build, "source_hash", lambda source=None: "0" * 64)
+    kernel, why = onednn_lstm.choose_kernel("auto")
+    assert kernel == "keras" and "does not load" in why and "\n" not in why
+    with pytest.raises(
+        onednn_build.OpUnavailable, match="does not load.*`make install` rebuilds it"
+    ):
+        onednn_lstm.choose_kernel("onednn")

@@ -20,8 +20,6 @@ from mnist_lstm import onednn_build
 from mnist_lstm.errors import UserError
 from mnist_lstm.runtime import keras, tf
 
-KERNELS = ("onednn", "keras")
-
 
 def choose_kernel(requested: str) -> tuple[str, str]:
     """The LSTM kernel training uses for `train.lstm_kernel` (auto, onednn or keras), and why, in
@@ -55,7 +53,15 @@ def choose_kernel(requested: str) -> tuple[str, str]:
 def ops() -> types.ModuleType:
     """The op library, checked to be built from the current source (rebuilt when it is not and a
     compiler is at hand): never an old binary for a new source."""
-    return tf.load_op_library(str(onednn_build.current_library()))
+    path = onednn_build.current_library()
+    try:
+        return tf.load_op_library(str(path))
+    except (tf.errors.NotFoundError, OSError) as err:
+        # Built from this source but against another TensorFlow (the lock changed since).
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise onednn_build.OpUnavailable(
+            f"{path} does not load ({reason}); `make install` rebuilds it"
+        ) from None
 
 
 @tf.RegisterGradient("OnednnLstm")
