@@ -69,12 +69,11 @@ def built_hash(library: Path) -> str | None:
     return found.group(1).decode() if found else None
 
 
-def compiler(env: dict[str, str] | None = None) -> str | None:
+def compiler() -> str | None:
     """$CXX when set, else the first C++ compiler on PATH."""
-    env = os.environ if env is None else env
-    path = env.get("PATH", "")
-    for name in ([env["CXX"]] if env.get("CXX") else []) + list(COMPILERS):
-        found = shutil.which(name, path=path)
+    chosen = os.environ.get("CXX")
+    for name in ([chosen] if chosen else []) + list(COMPILERS):
+        found = shutil.which(name)
         if found:
             return found
     return None
@@ -88,14 +87,14 @@ def platform_problem() -> str | None:
     return None
 
 
-def build_problem(prefix: str | Path = sys.prefix, env: dict[str, str] | None = None) -> str | None:
+def build_problem(prefix: str | Path = sys.prefix) -> str | None:
     """Why the op cannot be built in this environment, or None when it can."""
     problem = platform_problem()
     if problem:
         return problem
     if not (Path(prefix) / "lib" / "libdnnl.so").exists():
         return f"the oneDNN wheel is not installed in {prefix} (onednn-cpu-gomp, from the lock)"
-    if compiler(env) is None:
+    if compiler() is None:
         return "no C++ compiler on PATH (g++, c++ or clang++; or set CXX)"
     return None
 

@@ -44,6 +44,8 @@ MODEL_NAME = "model"
 TAG_RAW_MD5 = "dvc.raw_md5"
 TAG_PROCESSED_MD5 = "dvc.processed_md5"
 TAG_MODEL_MD5 = "dvc.model_md5"
+# The LSTM kernel training used (onednn or keras): `lstm_kernel: auto` differs by machine.
+TAG_LSTM_KERNEL = "train.lstm_kernel_used"
 # Which live process owns a RUNNING run: lets the next pipeline spot runs orphaned by `kill -9`.
 TAG_PID = "mnist_lstm.pid"
 TAG_HOST = "mnist_lstm.host"

@@ -32,8 +32,6 @@ from mnist_lstm.onednn_lstm import choose_kernel
 from mnist_lstm.params import ParamsError, TrainParams, flatten, load_params
 from mnist_lstm.runtime import keras, limit_malloc_arenas, tf
 
-# The run's tag for the LSTM kernel training used (onednn or keras): `auto` differs by machine.
-TAG_LSTM_KERNEL = "train.lstm_kernel_used"
 HISTORY_COLUMNS = ("epoch", "loss", "accuracy", "val_loss", "val_accuracy")
 # Splits the CPU into N logical devices: multi-device training, testable without a second device.
 CPU_DEVICES_ENV = "MNIST_LSTM_CPU_DEVICES"
@@ -318,7 +316,7 @@ def main(argv: list[str] | None = None) -> int:
     facts = {
         "train.replicas": str(replicas),
         "train.global_batch_size": str(params.batch_size * replicas),
-        TAG_LSTM_KERNEL: kernel,
+        tracking.TAG_LSTM_KERNEL: kernel,
     }
     with tracking.training_run(
         run_name(params), flatten(fetch_params, normalize_params, params), facts
