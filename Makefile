@@ -20,7 +20,7 @@ export PATH := $(CURDIR)/$(BIN):$(PATH)
 # Never download a Python: use the one PYTHON names (uv says so in one line if it is too old).
 export UV_PYTHON_DOWNLOADS := never
 
-.PHONY: install run test lint gate promote sweep tuned bench ui server server-stop serve lineage lock lock-check clean-venv
+.PHONY: install run test lint gate promote sweep tuned bench ui ui-check server server-stop serve lineage sync lock lock-check clean-venv
 
 $(UV):
 	$(PYTHON) -m venv $(TOOLS)
@@ -118,14 +118,37 @@ serve: install
 	MLFLOW_TRACKING_URI=$${MLFLOW_TRACKING_URI:-sqlite:///$(CURDIR)/mlflow.db} \
 		mlflow models serve -m '$(MODEL)' --env-manager local --host 127.0.0.1 --port $(SERVE_PORT)
 
+# The MLflow UI on the repo's store (STORE=<path to an mlflow.db> for another one), opened on the
+# experiment's training runs.
+STORE ?= $(CURDIR)/mlflow.db
+# MLflow 3.17's UI opens an experiment on its GenAI overview unless the link asks for this view
+# (make ui-check watches that this is still so).
+TRAINING_VIEW := workflowType=machine_learning
 ui: install
-	@echo "MLflow UI: http://$(UI_HOST):$(UI_PORT)  (store: sqlite:///$(CURDIR)/mlflow.db; Ctrl-C stops it)"
-	mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --host $(UI_HOST) --port $(UI_PORT)
+	@id=$$(python -c "import sqlite3; print(sqlite3.connect('file:$(STORE)?mode=ro', uri=True).execute(\"select experiment_id from experiments where name = 'mnist-lstm'\").fetchone()[0])" 2>/dev/null); \
+	echo "MLflow UI: http://$(UI_HOST):$(UI_PORT)/#/experiments/$${id:-0}/runs?$(TRAINING_VIEW)  (store: sqlite:///$(STORE); Ctrl-C stops it)"
+	mlflow ui --backend-store-uri sqlite:///$(STORE) --host $(UI_HOST) --port $(UI_PORT)
+
+# Opens `make ui` on a store of two tiny runs in headless Chromium (Debian's chromium package) and
+# checks the experiment page lists the runs with their datasets and the run page draws the
+# per-epoch charts; screenshots in reports/ui/.
+UI_CHECK := tools/ui-check
+$(UI_CHECK)/node_modules/.installed: $(UI_CHECK)/package-lock.json
+	npm ci --prefix $(UI_CHECK) --no-audit --no-fund --silent
+	touch $@
+
+ui-check: install $(UI_CHECK)/node_modules/.installed
+	python tools/ui_check.py
 
 # Where a model came from: REF is a run id, models:/NAME/VERSION or models:/NAME@ALIAS;
 # without REF, the run that trained the model dvc.lock records.
 lineage: install
 	python -m mnist_lstm.lineage $(REF)
+
+# Sends what a tracking outage (or MNIST_LSTM_TRACKING=offline) left in .tracking-spool/ to the
+# store each run belongs to; safe to repeat or interrupt. STATUS=1 only lists what waits.
+sync: install
+	python -m mnist_lstm.sync $(if $(STATUS),--status)
 
 # After changing dependencies in pyproject.toml: re-resolve uv.lock for every supported platform
 # and Python, then `make install`.

@@ -115,9 +115,9 @@ def test_a_run_that_fails_or_is_interrupted_never_stays_running(store, raised, s
     import mlflow
 
     with pytest.raises(raised):
-        with tracking.training_run("unit", {"train.units": 1}) as run_id:
+        with tracking.training_run("unit", {"train.units": 1}) as run:
             raise raised("boom")
-    assert mlflow.MlflowClient().get_run(run_id).info.status == status
+    assert mlflow.MlflowClient().get_run(run.run_id).info.status == status
 
 
 def test_tuning_split_validates_on_the_last_training_images_never_the_validation_split(tiny_raw):

@@ -212,21 +212,6 @@ def main(argv: list[str] | None = None) -> int:
     provenance = contracts.read_json(args.provenance)
     model_md5 = contracts.md5_file(args.model)
 
-    result = score(model, data)
-    metrics = {key: round(value, 6) for key, value in result["metrics"].items()}
-    contracts.write_json(args.metrics, metrics)
-    write_csv(args.per_class, result["report"], index=True)
-    write_csv(args.confusion, result["matrix"], index=True)
-    write_csv(args.holdout, result["holdout"], index=False)
-    write_csv(args.val_predictions, result["val_predictions"], index=False)
-    plot_confusion(result["matrix"], args.confusion_png)
-    plot_history(history, args.curves_png)
-
-    print("holdout ([prediction] label):")
-    for row in result["holdout"].itertuples():
-        print(f"[{row.prediction}] {row.label}")
-    print(", ".join(f"{key} {value}" for key, value in metrics.items()))
-
     lineage = {
         "data.fetch_source": str(provenance.get("source", "unknown")),
         "data.raw_sha256": str(provenance.get("raw_sha256", "unknown")),
@@ -242,13 +227,49 @@ def main(argv: list[str] | None = None) -> int:
         args.confusion_png,
         args.curves_png,
     ]
+    # The run opens before the work: a store that is down fails here, in one line.
     with tracking.evaluation_run(model_md5, fallback_name=f"evaluate-{model_md5[:12]}") as (
-        run_id,
+        run,
         is_training_run,
     ):
-        tracking.log_evaluation(metrics, reports, lineage)
-    how = "the run that trained it" if is_training_run else "a new run (no run trained this file)"
-    print(f"evaluate: logged to {how}: {tracking.run_url(run_id)}")
+        how = "the run that trained it" if is_training_run else "a new run (none trained this file)"
+        print(f"evaluate: logging to {how} ({run.run_id})", flush=True)
+        run.log_datasets(
+            [
+                tracking.dataset(
+                    "mnist-validation",
+                    args.data,
+                    lineage[tracking.TAG_PROCESSED_MD5],
+                    data["x_val"],
+                    data["y_val"],
+                    "validation",
+                ),
+                tracking.dataset(
+                    "mnist-holdout",
+                    args.data,
+                    lineage[tracking.TAG_PROCESSED_MD5],
+                    data["x_holdout"],
+                    data["y_holdout"],
+                    "holdout",
+                ),
+            ]
+        )
+        result = score(model, data)
+        metrics = {key: round(value, 6) for key, value in result["metrics"].items()}
+        contracts.write_json(args.metrics, metrics)
+        write_csv(args.per_class, result["report"], index=True)
+        write_csv(args.confusion, result["matrix"], index=True)
+        write_csv(args.holdout, result["holdout"], index=False)
+        write_csv(args.val_predictions, result["val_predictions"], index=False)
+        plot_confusion(result["matrix"], args.confusion_png)
+        plot_history(history, args.curves_png)
+
+        print("holdout ([prediction] label):")
+        for row in result["holdout"].itertuples():
+            print(f"[{row.prediction}] {row.label}")
+        print(", ".join(f"{key} {value}" for key, value in metrics.items()))
+        tracking.log_evaluation(run, metrics, reports, lineage)
+    print(f"evaluate: logged to {how}: {run.where()}")
     return 0
 
 

@@ -171,6 +171,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     root = tracking.project_root()
+    # Runs an outage (or offline mode) left in the spool are not in the store yet: say so first.
+    for line in tracking.waiting():
+        print(f"not synced {line}")
     workspace_hashes = locked_hashes(_read_lock(root))
     run_id = tracking.resolve_run(args.ref) if args.ref else workspace_run_id(root)
     committed = _git(root, "show", "HEAD:params.yaml")

@@ -105,6 +105,22 @@ def training_splits(
     )
 
 
+def training_datasets(
+    path: Path, md5: str, data: dict[str, np.ndarray], tuning_split: int
+) -> list[dict]:
+    """The splits fit trains and validates on, as MLflow datasets of the DVC-tracked file."""
+    (x_fit, y_fit), (x_check, y_check) = training_splits(data, tuning_split)
+    names = (
+        (f"mnist-train[:-{tuning_split}]", f"mnist-train[-{tuning_split}:]")
+        if tuning_split
+        else ("mnist-train", "mnist-validation")
+    )
+    return [
+        tracking.dataset(names[0], path, md5, x_fit, y_fit, "training"),
+        tracking.dataset(names[1], path, md5, x_check, y_check, "validation"),
+    ]
+
+
 def training_batches(x: np.ndarray, y: np.ndarray, batch_size: int, seed: int) -> tf.data.Dataset:
     """Every image once per epoch, in a fresh seeded order, cut into batches of exactly
     `batch_size`: the last batch is topped up with the epoch's first images.
@@ -318,25 +334,26 @@ def main(argv: list[str] | None = None) -> int:
         "train.global_batch_size": str(params.batch_size * replicas),
         tracking.TAG_LSTM_KERNEL: kernel,
     }
+    processed_md5 = contracts.md5_file(args.data)
     with tracking.training_run(
         run_name(params), flatten(fetch_params, normalize_params, params), facts
-    ) as run_id:
+    ) as run:
+        run.log_datasets(training_datasets(args.data, processed_md5, data, params.tuning_split))
         started = time.perf_counter()
         # One line per epoch when DVC captures the output; the live bar on a terminal.
         verbose = "auto" if sys.stdout.isatty() else 2
         history = fit(
-            model, data, params, [tracking.EpochMetrics()], verbose=verbose, replicas=replicas
+            model, data, params, [tracking.EpochMetrics(run)], verbose=verbose, replicas=replicas
         )
         seconds = time.perf_counter() - started
         model_md5 = save_model(args.model, model)
         save_history(args.history, history)
         tracking.log_training(
+            run,
             model,
+            args.model,
             contracts.as_pixels(data["x_val"][:2]),
-            lineage={
-                tracking.TAG_PROCESSED_MD5: contracts.md5_file(args.data),
-                tracking.TAG_MODEL_MD5: model_md5,
-            },
+            lineage={tracking.TAG_PROCESSED_MD5: processed_md5, tracking.TAG_MODEL_MD5: model_md5},
             train_seconds=seconds,
             epochs=len(history),
         )
@@ -344,7 +361,7 @@ def main(argv: list[str] | None = None) -> int:
         f"train: {len(history)} epochs on {replicas} device(s) in {seconds:.1f}s "
         f"({seconds / len(history):.2f}s/epoch), "
         f"val_accuracy {history['val_accuracy'].iloc[-1]:.4f}; model -> {args.model}; "
-        f"MLflow run {run_id}"
+        f"MLflow run {run.run_id}"
     )
     return 0
 
