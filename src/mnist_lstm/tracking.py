@@ -35,6 +35,8 @@ os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
 # A store going down is reported once, in one line (RunWriter), not as a warning per HTTP retry.
 logging.getLogger("urllib3.connectionpool").setLevel(logging.ERROR)
+# ... nor as the traceback MLflow logs for a database error (sqlite locked past its timeout).
+logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
 
 import mlflow  # noqa: E402
 import numpy as np  # noqa: E402
@@ -109,9 +111,9 @@ def connect(attempts: int = 5, uri: str | None = None) -> str:
     """
     uri = uri or tracking_uri()
     mlflow.set_tracking_uri(uri)
-    client = mlflow.MlflowClient(uri)
     for attempt in range(attempts):
         try:
+            client = mlflow.MlflowClient(uri)
             experiment = client.get_experiment_by_name(EXPERIMENT)
             if experiment is None:
                 with contextlib.suppress(MlflowException):  # another writer created it meanwhile
@@ -742,9 +744,7 @@ def _replay(deferred: spool.Spool, check: Callable[[], None]) -> tuple[str, int]
     return run_id, sent
 
 
-def sync(
-    spools: list[spool.Spool] | None = None, say: Callable[[str], None] = print
-) -> bool:
+def sync(spools: list[spool.Spool] | None = None, say: Callable[[str], None] = print) -> bool:
     """Replay spools (all of this project's by default) into their stores, saying a line per run
     before and after; False when a store did not answer (its spools stay as they are).
 
@@ -766,14 +766,18 @@ def sync(
                 connect(uri=uri, attempts=1)
                 run_id, _ = _replay(deferred, check)
             except (TrackingError, MlflowException, OSError) as err:
-                if not (isinstance(err, TrackingError) or _is_outage(err)):
-                    raise
-                reason = err.reason if isinstance(err, TrackingError) else _first_line(err)
-                say(
-                    f"run {deferred.display_id}: not synced, {uri} does not answer "
-                    f"({reason}); `make sync` again once it does"
-                )
                 complete = False
+                if isinstance(err, TrackingError) or _is_outage(err):
+                    reason = err.reason if isinstance(err, TrackingError) else _first_line(err)
+                    say(
+                        f"run {deferred.display_id}: not synced, {uri} does not answer "
+                        f"({reason}); `make sync` again once it does"
+                    )
+                else:  # e.g. the run was deleted there: nothing to retry, nothing to throw away
+                    say(
+                        f"run {deferred.display_id}: {uri} refused a write ({_first_line(err)}); "
+                        f"the rest stays in {deferred.path}"
+                    )
                 continue
             if deferred.finished():
                 deferred.remove()
