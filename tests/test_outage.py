@@ -262,6 +262,8 @@ def test_server_killed_mid_training_the_stage_finishes_and_sync_completes_the_ru
     assert down.returncode == 1 and "not synced" in down.stdout and "Traceback" not in down.stderr
     waiting = run([sys.executable, "-m", "mnist_lstm.sync", "--status"], root, env)
     assert "wait for" in waiting.stdout
+    lineage = run([sys.executable, "-m", "mnist_lstm.lineage"], root, env, check=False)
+    assert lineage.stdout.startswith("not synced run ") and "Traceback" not in lineage.stderr
 
     server.start()
     synced = sync(root, env)
@@ -352,3 +354,51 @@ def runs_of_spool(server: MlflowServer, spool_id: str) -> list[dict]:
             "filter": f"tags.`mnist_lstm.spool_id` = '{spool_id}'",
         },
     ).get("runs", [])
+
+
+def test_a_sqlite_store_locked_past_its_timeout_is_an_outage_too(tmp_path, tiny_raw, write_params):
+    """The repo's own store: another process holds sqlite's write lock longer than MLflow's 20 s
+    busy timeout while a training runs; training goes on, and the sync completes the run."""
+    import mlflow
+
+    from mnist_lstm import contracts
+    from mnist_lstm.normalize import split
+
+    data = tmp_path / "processed.npz"
+    contracts.save_processed(data, split(tiny_raw, 10))
+    db = tmp_path / "mlflow.db"
+    env = dict(os.environ, MLFLOW_TRACKING_URI=f"sqlite:///{db}", PYTHONUNBUFFERED="1")
+    env.pop("MNIST_LSTM_TRACKING", None)
+    train = [
+        sys.executable, "-m", "mnist_lstm.train", "--params",
+        str(write_params({"train.epochs": 3})), "--data", str(data),
+        "--model", str(tmp_path / "model.keras"), "--history", str(tmp_path / "history.csv"),
+    ]  # fmt: skip
+    proc = subprocess.Popen(
+        train, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    for line in proc.stdout:
+        if line.startswith("Epoch 1/"):
+            break
+    proc.send_signal(signal.SIGSTOP)
+    locker = subprocess.Popen(
+        [sys.executable, "-c",
+         "import sqlite3, sys, time; c = sqlite3.connect(sys.argv[1], isolation_level=None); "
+         "c.execute('BEGIN EXCLUSIVE'); print('locked', flush=True); time.sleep(30)", str(db)],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    assert locker.stdout.readline().strip() == "locked"
+    proc.send_signal(signal.SIGCONT)
+    out, err = proc.communicate(timeout=300)
+    locker.wait(timeout=60)
+
+    assert proc.returncode == 0, err[-3000:]
+    assert "stopped answering (database is locked)" in out and " is behind" in out
+    assert "Traceback" not in err
+    assert (tmp_path / "model.keras").is_file()
+    synced = run([sys.executable, "-m", "mnist_lstm.sync"], tmp_path, env)
+    assert "in sync with" in synced.stdout
+    client = mlflow.MlflowClient(f"sqlite:///{db}")
+    (finished,) = client.search_runs([client.get_experiment_by_name("mnist-lstm").experiment_id])
+    assert finished.info.status == "FINISHED"
+    assert len(client.get_metric_history(finished.info.run_id, "loss")) == 3

@@ -27,6 +27,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
+import psutil
 from filelock import FileLock
 
 SPOOL_DIR = ".tracking-spool"
@@ -55,16 +56,6 @@ def _write_json(path: Path, value: Any) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_text(json.dumps(value, sort_keys=True))
     os.replace(tmp, path)
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except (PermissionError, OSError):  # exists but not ours, or a platform without signal 0
-        return True
-    return True
 
 
 class Spool:
@@ -155,7 +146,7 @@ class Spool:
             return False
         if writer.get("host") != socket.gethostname():
             return True  # another host's process: cannot tell, assume it is alive
-        return writer.get("pid") == os.getpid() or _pid_alive(int(writer.get("pid", 0)))
+        return writer.get("pid") == os.getpid() or psutil.pid_exists(int(writer.get("pid", 0)))
 
     # --- reading and replaying ---
 

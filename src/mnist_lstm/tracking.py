@@ -40,6 +40,7 @@ logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
 
 import mlflow  # noqa: E402
 import numpy as np  # noqa: E402
+import psutil  # noqa: E402
 from mlflow.entities import (  # noqa: E402
     Dataset,
     DatasetInput,
@@ -499,16 +500,6 @@ def _owner_tags() -> dict[str, str]:
     return {TAG_PID: str(os.getpid()), TAG_HOST: socket.gethostname()}
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # exists, owned by someone else
-        return True
-    return True
-
-
 def fail_orphaned_runs() -> list[str]:
     """Mark FAILED the RUNNING runs whose process on this host is gone (e.g. after `kill -9`)."""
     experiment = mlflow.get_experiment_by_name(EXPERIMENT)
@@ -526,7 +517,7 @@ def fail_orphaned_runs() -> list[str]:
         pid = tags.get(TAG_PID, "")
         if run.info.run_id in spooled:
             continue
-        if tags.get(TAG_HOST) == host and pid.isdigit() and not _alive(int(pid)):
+        if tags.get(TAG_HOST) == host and pid.isdigit() and not psutil.pid_exists(int(pid)):
             client.set_tag(
                 run.info.run_id, "mnist_lstm.orphaned", f"process {pid} died while running"
             )
