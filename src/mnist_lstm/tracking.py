@@ -406,29 +406,32 @@ class RunWriter:
         self.run_id = run_id
         self.spool = spool_
         self._why = why
-        self._deferred_ops = 0
 
     @property
     def deferred(self) -> bool:
         return self.spool is not None
 
-    def _write(self, op: dict[str, Any], files: list[tuple[Path, str]] = ()) -> None:
+    def _defer(self, err: Exception) -> None:
+        """From this write on, everything goes to a new spool; one line says so."""
+        if not _is_outage(err):
+            raise err
+        self._why = _first_line(err)
+        self.spool = spool.Spool.create(project_root(), self.uri, self.run_id)
+        print(
+            f"tracking: {self.uri} stopped answering ({self._why}); the run's remaining writes "
+            f"go to {self.spool.path} and the stage goes on",
+            flush=True,
+        )
+
+    def _write(self, op: dict[str, Any], files: list[tuple[Path, str]] | None = None) -> None:
+        files = files or []
         if self.spool is None:
             try:
                 _apply(self.client, self.run_id, op, [source for source, _ in files])
                 return
-            except Exception as err:
-                if not _is_outage(err):
-                    raise
-                self._why = _first_line(err)
-                self.spool = spool.Spool.create(project_root(), self.uri, self.run_id)
-                print(
-                    f"tracking: {self.uri} stopped answering ({self._why}); the run's "
-                    f"remaining writes go to {self.spool.path} and the stage goes on",
-                    flush=True,
-                )
+            except Exception as err:  # noqa: BLE001 - _defer re-raises what is not an outage
+                self._defer(err)
         self.spool.append(op, files)
-        self._deferred_ops += 1
 
     def log_params(self, params: dict[str, Any]) -> None:
         self._write({"op": "params", "params": {k: str(v) for k, v in params.items()}})
@@ -458,11 +461,8 @@ class RunWriter:
             try:
                 log_model(model, input_example, self.run_id)
                 return
-            except Exception as err:
-                if not _is_outage(err):
-                    raise
-                self._why = _first_line(err)
-                self.spool = spool.Spool.create(project_root(), self.uri, self.run_id)
+            except Exception as err:  # noqa: BLE001 - _defer re-raises what is not an outage
+                self._defer(err)
         with tempfile.TemporaryDirectory() as tmp:
             example = Path(tmp) / "input_example.npy"
             np.save(example, input_example)
@@ -645,7 +645,7 @@ def evaluation_run(model_md5: str, fallback_name: str) -> Iterator[tuple[RunWrit
     even while the store is down: its run is open, if not yet sent. Yields (the run's writer,
     whether it is the training run).
     """
-    store_down = ""
+    store_down, down_error = "", None
     if not offline():
         try:
             connect()
