@@ -102,12 +102,14 @@ bench: install $(TORCH_VENV)/.installed
 # .server/artifacts). Prints the URI: `MLFLOW_TRACKING_URI=<it> make run`.
 SERVER_PORT ?= 5001
 PG_PORT ?= 5433
+# STATE=<dir> keeps the cluster, artifacts and logs there instead of .server/ (as root, a folder
+# the `postgres` user can enter: PostgreSQL refuses to run as root).
 server: install
 	python -m mnist_lstm.server start --port $(SERVER_PORT) --pg-port $(PG_PORT) \
-		$(if $(ARTIFACTS),--artifacts-destination $(ARTIFACTS))
+		$(if $(STATE),--state $(STATE)) $(if $(ARTIFACTS),--artifacts-destination $(ARTIFACTS))
 
 server-stop: install
-	python -m mnist_lstm.server stop
+	python -m mnist_lstm.server stop $(if $(STATE),--state $(STATE))
 
 # Serves models:/mnist-lstm@champion (or MODEL=<uri>) over REST on 127.0.0.1:SERVE_PORT, in this
 # environment (no per-model virtualenv to build, so it works offline). Uses MLFLOW_TRACKING_URI

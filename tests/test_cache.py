@@ -56,6 +56,23 @@ def test_changing_a_normalize_param_reruns_normalize_onward(project):
     assert stages_run(run(["dvc", "repro"], root, env)) == []
 
 
+@pytest.mark.parametrize(
+    ("old", "new"),
+    [
+        ("timeout_s: 10", "timeout_s: 30"),
+        ("tensorflow/tf-keras-datasets/mnist.npz", "tensorflow/tf-keras-datasets/mirror.npz"),
+    ],
+)
+def test_changing_a_download_setting_reruns_fetch_and_no_training(project, old, new):
+    """fetch.timeout_s and fetch.url change how bytes are fetched, not which: fetch reruns, writes
+    the same bytes, and DVC has nothing downstream to rerun."""
+    root, env = project
+    with edited(root / "params.yaml", old, new):
+        assert stages_run(run(["dvc", "repro"], root, env)) == ["fetch"]
+        assert_clean(root, env)
+    assert stages_run(run(["dvc", "repro"], root, env)) == []
+
+
 def test_fetch_never_refetches_while_its_output_is_cached(project):
     root, env = project
     raw = root / "data" / "raw" / "mnist.npz"

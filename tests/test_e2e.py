@@ -78,7 +78,7 @@ def test_one_run_holds_params_epoch_metrics_tags_and_artifacts(project, first_re
     run = runs[0]
     assert run.info.status == "FINISHED"
     assert run.data.params["train.epochs"] == "1" and run.data.params["train.units"] == "16"
-    assert run.data.params["fetch.source"] == "path"
+    assert run.data.params["normalize.holdout_size"] == "10"
     for metric in ("loss", "accuracy", "val_loss", "val_accuracy"):
         assert len(client.get_metric_history(run.info.run_id, metric)) == 1
     metrics = json.loads((root / "reports" / "metrics.json").read_text())
@@ -106,7 +106,7 @@ def test_one_run_holds_params_epoch_metrics_tags_and_artifacts(project, first_re
     snapshot = json.loads(
         Path(client.download_artifacts(run.info.run_id, "params.json")).read_text()
     )
-    assert snapshot["train.units"] == 16 and snapshot["fetch.source"] == "path"
+    assert snapshot["train.units"] == 16 and snapshot["normalize.holdout_size"] == 10
 
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "reports")}
     assert {

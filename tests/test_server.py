@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
 import tempfile
 import urllib.parse
 import urllib.request
@@ -189,3 +190,24 @@ def test_a_taken_port_is_refused_before_starting_anything(tmp_path):
         assert not (tmp_path / "mlflow.pid").exists()
     finally:
         busy.shutdown()
+
+
+@needs_postgres
+@pytest.mark.skipif(
+    not hasattr(os, "geteuid") or os.geteuid() != 0, reason="as root only (postgres refuses root)"
+)
+def test_make_server_as_root_from_a_private_folder_names_the_state_variable(tmp_path):
+    from conftest import REPO
+
+    private = tmp_path / "private"
+    private.mkdir(mode=0o700)
+    result = subprocess.run(
+        ["make", "--no-print-directory", "-C", str(REPO), "server", f"STATE={private / 'state'}"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode != 0
+    (line,) = [x for x in result.stderr.splitlines() if x.startswith("error:")]
+    assert "cannot reach this folder" in line and "`make server STATE=<dir>`" in line
+    assert "Traceback" not in result.stderr

@@ -20,6 +20,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
+from scipy.special import softmax  # noqa: E402
+from sklearn import metrics as skm  # noqa: E402
 
 from mnist_lstm import contracts, tracking  # noqa: E402
 from mnist_lstm.errors import exits_cleanly  # noqa: E402
@@ -44,52 +46,36 @@ def load_model(path: Path) -> keras.Model:
     return model
 
 
-def softmax(logits: np.ndarray) -> np.ndarray:
-    shifted = logits - logits.max(axis=1, keepdims=True)
-    exp = np.exp(shifted)
-    return exp / exp.sum(axis=1, keepdims=True)
-
-
 def cross_entropy(logits: np.ndarray, y: np.ndarray) -> float:
     """Mean sparse categorical cross-entropy from logits, as the training loss computes it."""
-    logits = logits.astype(np.float64)
-    shifted = logits - logits.max(axis=1, keepdims=True)
-    log_probs = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
-    return float(-log_probs[np.arange(len(y)), y].mean())
+    return float(skm.log_loss(y, softmax(logits.astype(np.float64), axis=1), labels=CLASSES))
 
 
 def confusion_matrix(y_true: np.ndarray, y_pred: np.ndarray) -> pd.DataFrame:
     """Rows are true digits, columns predicted digits; every digit appears even if unseen."""
-    table = pd.crosstab(
-        pd.Categorical(y_true, categories=CLASSES),
-        pd.Categorical(y_pred, categories=CLASSES),
-        dropna=False,
+    table = pd.DataFrame(
+        skm.confusion_matrix(y_true, y_pred, labels=CLASSES),
+        index=pd.Index(CLASSES, name="true"),
+        columns=pd.Index(CLASSES, name="predicted"),
     )
-    table.index.name, table.columns.name = "true", "predicted"
     return table.astype(np.int64)
 
 
-def per_class_report(matrix: pd.DataFrame) -> pd.DataFrame:
-    """Precision, recall, F1 and support per digit; 0.0 where a ratio has no denominator."""
-    hits = pd.Series(np.diag(matrix.to_numpy()), index=matrix.index, dtype=float)
-    predicted = matrix.sum(axis=0).to_numpy(dtype=float)
-    actual = matrix.sum(axis=1).to_numpy(dtype=float)
-    precision = np.divide(hits, predicted, out=np.zeros_like(predicted), where=predicted > 0)
-    recall = np.divide(hits, actual, out=np.zeros_like(actual), where=actual > 0)
-    denominator = precision + recall
-    f1 = np.divide(
-        2 * precision * recall, denominator, out=np.zeros_like(denominator), where=denominator > 0
+def per_class_report(y_true: np.ndarray, y_pred: np.ndarray) -> pd.DataFrame:
+    """Precision, recall, F1 and support per digit (scikit-learn's classification report);
+    0.0 where a ratio has no denominator."""
+    precision, recall, f1, support = skm.precision_recall_fscore_support(
+        y_true, y_pred, labels=CLASSES, zero_division=0.0
     )
-    report = pd.DataFrame(
-        {"precision": precision, "recall": recall, "f1": f1, "support": actual.astype(np.int64)},
+    return pd.DataFrame(
+        {"precision": precision, "recall": recall, "f1": f1, "support": support.astype(np.int64)},
         index=pd.Index(CLASSES, name="digit"),
     )
-    return report
 
 
 def predict_logits(model: keras.Model, x: np.ndarray) -> np.ndarray:
-    """Logits in one direct call: no predict loop, and no XLA compile for a new batch shape
-    (the model trains with jit_compile; a 10-image batch would otherwise compile anew)."""
+    """Logits in one direct call: no `predict` loop (it builds a dataset and a step function for
+    every call, which for the 10 holdout images costs more than the prediction)."""
     return keras.ops.convert_to_numpy(model(x, training=False))
 
 
@@ -106,13 +92,13 @@ def score(model: keras.Model, data: dict[str, np.ndarray]) -> dict:
     val_pred = val_logits.argmax(axis=1)
     holdout_pred = holdout_logits.argmax(axis=1)
     matrix = confusion_matrix(data["y_val"], val_pred)
-    report = per_class_report(matrix)
+    report = per_class_report(data["y_val"], val_pred)
     holdout = pd.DataFrame(
         {
             "index": np.arange(len(holdout_pred)),
             "label": data["y_holdout"].astype(np.int64),
             "prediction": holdout_pred.astype(np.int64),
-            "confidence": softmax(holdout_logits.astype(np.float64)).max(axis=1),
+            "confidence": softmax(holdout_logits.astype(np.float64), axis=1).max(axis=1),
         }
     )
     metrics = {

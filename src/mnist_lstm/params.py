@@ -19,7 +19,6 @@ import yaml
 
 from mnist_lstm.errors import UserError
 
-KERAS_MNIST_URL = "https://storage.googleapis.com/tensorflow/tf-keras-datasets/mnist.npz"
 FETCH_SOURCES = ("auto", "keras", "package", "path")
 OPTIMIZERS = ("sgd", "adam", "rmsprop")
 SCHEDULES = ("constant", "cosine")

@@ -92,7 +92,8 @@ def start_postgres(state: Path, port: int) -> str:
         if reachable.returncode != 0:
             raise UserError(
                 f"{state}: PostgreSQL runs as the `postgres` user (it refuses root), which cannot "
-                "reach this folder; use a --state under folders others may enter (mode 755)"
+                "reach this folder; put the state under folders others may enter (mode 755): "
+                "`make server STATE=<dir>` (--state <dir>)"
             )
     if not (data / "PG_VERSION").exists():
         data.mkdir(parents=True, exist_ok=True)

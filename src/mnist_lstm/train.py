@@ -1,9 +1,9 @@
 """Stage `train`: fit the LSTM on the processed training split, validating every epoch.
 
-Reads params `fetch`, `normalize` and `train` (all logged to the run) and the processed `.npz`;
-writes the Keras model file and a per-epoch history CSV. dvc.yaml: `python -m mnist_lstm.train
---params params.yaml --data data/processed/mnist.npz --model models/model.keras
---history models/history.csv`.
+Reads params `train` (logged to the run, with the holdout size the processed `.npz` was cut with)
+and the processed `.npz`; writes the Keras model file and a per-epoch history CSV. dvc.yaml:
+`python -m mnist_lstm.train --params params.yaml --data data/processed/mnist.npz
+--model models/model.keras --history models/history.csv`.
 
 Opens the pipeline's MLflow run before training (so a bad store fails in seconds, not after ten
 epochs) and tags it with the model file's md5 -- the hash dvc.lock records -- which `evaluate`
@@ -103,6 +103,14 @@ def training_splits(
         (data["x_train"][:cut], data["y_train"][:cut]),
         (data["x_train"][cut:], data["y_train"][cut:]),
     )
+
+
+def upstream_params(data: dict[str, np.ndarray]) -> dict[str, int]:
+    """The upstream params the processed data itself records, logged with train's own. Read
+    from the file, not from params.yaml: a stage that depended on `fetch`/`normalize` params only
+    to log them would retrain whenever one changed, even one that changes no byte of the data
+    (a download timeout)."""
+    return {"normalize.holdout_size": len(data["y_holdout"])}
 
 
 def training_datasets(
@@ -306,7 +314,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--history", type=Path, required=True)
     args = parser.parse_args(argv)
 
-    fetch_params, normalize_params, params = load_params(args.params, "fetch", "normalize", "train")
+    (params,) = load_params(args.params, "train")
     limit_malloc_arenas()
     # TensorFlow, Keras and MLflow leave ~400,000 Python objects that live as long as the
     # process. Frozen, the garbage collector stops walking them in every full collection during
@@ -336,7 +344,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     processed_md5 = contracts.md5_file(args.data)
     with tracking.training_run(
-        run_name(params), flatten(fetch_params, normalize_params, params), facts
+        run_name(params), {**flatten(params), **upstream_params(data)}, facts
     ) as run:
         run.log_datasets(training_datasets(args.data, processed_md5, data, params.tuning_split))
         started = time.perf_counter()
