@@ -20,7 +20,7 @@ export PATH := $(CURDIR)/$(BIN):$(PATH)
 # Never download a Python: use the one PYTHON names (uv says so in one line if it is too old).
 export UV_PYTHON_DOWNLOADS := never
 
-.PHONY: install run test lint gate promote sweep tuned bench ui ui-check server server-stop serve lineage sync lock lock-check clean-venv
+.PHONY: install run test test-all lint gate promote sweep tuned bench ui ui-check server server-stop serve lineage sync lock lock-check clean-venv
 
 $(UV):
 	$(PYTHON) -m venv $(TOOLS)
@@ -52,7 +52,12 @@ run: install
 	dvc repro
 	dvc metrics show
 
+# The fast tier (~2 min here): unit tests and one real `dvc repro` end to end on tiny data.
 test: install
+	$(BIN)/python -m pytest -m "not slow"
+
+# Everything (~16 min here): caching, sweeps, PostgreSQL, outages, signals, the lock, the op build.
+test-all: install
 	$(BIN)/python -m pytest
 
 lint: install

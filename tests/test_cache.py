@@ -10,7 +10,7 @@ import yaml
 
 from conftest import REPO, edited, make_project, run, stages_run
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ import pytest
 from conftest import LEARNS, locked_model_md5, make_project, run
 from mnist_lstm.train import CPU_DEVICES_ENV
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 # batch_size is per device, so two devices take twice the images per step (half the steps, and
 # BatchNormalization statistics per device). On 30 validation images the trained models may

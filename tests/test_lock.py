@@ -16,6 +16,9 @@ import pytest
 
 from conftest import REPO
 
+# Not in the fast tier (`make test`); `make test-all` runs them (docs/testing.md).
+pytestmark = pytest.mark.slow
+
 UV = next(
     (
         str(p)

@@ -14,6 +14,9 @@ import pytest
 from conftest import make_project, run, stages_run, without_compiler
 from mnist_lstm import onednn_build, onednn_lstm
 
+# Not in the fast tier (`make test`); `make test-all` runs them (docs/testing.md).
+pytestmark = pytest.mark.slow
+
 needs_onednn_wheel = pytest.mark.skipif(
     onednn_build.platform_problem() is not None
     or not (Path(sys.prefix) / "lib" / "libdnnl.so").exists(),

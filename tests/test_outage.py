@@ -21,9 +21,13 @@ import pytest
 
 from conftest import free_port, make_project, run
 
-pytestmark = pytest.mark.skipif(
-    sys.platform == "win32", reason="POSIX signals stop and resume the pipeline at a chosen point"
-)
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(
+        sys.platform == "win32",
+        reason="POSIX signals stop and resume the pipeline at a chosen point",
+    ),
+]
 
 EPOCHS = 4
 # Wall-clock timings differ between any two runs; every other value must match exactly.

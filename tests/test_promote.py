@@ -9,7 +9,7 @@ import pytest
 
 from conftest import commit, make_promotable_project, run
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 
 @pytest.fixture(scope="module")

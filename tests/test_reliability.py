@@ -17,6 +17,9 @@ from conftest import free_port, http_service
 from mnist_lstm import contracts, tracking
 from mnist_lstm.normalize import split
 
+# Not in the fast tier (`make test`); `make test-all` runs them (docs/testing.md).
+pytestmark = pytest.mark.slow
+
 posix_signals = pytest.mark.skipif(
     sys.platform == "win32", reason="POSIX signals (SIGTERM to a process, SA_RESTART)"
 )

@@ -12,7 +12,7 @@ import yaml
 
 from conftest import commit, locked_model_md5, make_project, run, stages_run
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 
 def clone(source, target, env):

@@ -21,7 +21,7 @@ import pytest
 
 from conftest import BIN, free_port, http_service, locked_model_md5, make_promotable_project, run
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 
 def have_postgres() -> bool:

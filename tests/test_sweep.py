@@ -8,7 +8,7 @@ import pytest
 
 from conftest import commit, make_project, run
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 
 def test_four_queued_experiments_on_two_workers_all_land_in_the_repos_store(tmp_path):
