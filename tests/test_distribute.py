@@ -11,7 +11,7 @@ import json
 import pytest
 
 from conftest import LEARNS, locked_model_md5, make_project, run
-from mnist_lstm.train import CPU_DEVICES_ENV
+from mnist_lstm.devices import CPU_DEVICES_ENV
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 

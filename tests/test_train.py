@@ -8,13 +8,9 @@ import numpy as np
 import pytest
 
 from mnist_lstm import contracts, tracking
+from mnist_lstm.input_pipeline import training_batches, validation_batches
+from mnist_lstm.keras_archive import _renumber_shared_objects, save_model
 from mnist_lstm.normalize import split
-from mnist_lstm.train import (
-    _renumber_shared_objects,
-    save_model,
-    training_batches,
-    validation_batches,
-)
 
 
 def test_shared_object_ids_are_renumbered_consistently():
@@ -67,7 +63,7 @@ def test_every_image_is_trained_on_each_epoch_in_fixed_size_batches_and_seeded_o
 
 
 def test_an_epoch_longer_than_one_gather_keeps_every_batch_whole_and_with_its_labels():
-    from mnist_lstm.train import GATHER_GROUP
+    from mnist_lstm.input_pipeline import GATHER_GROUP
 
     n = 2 * GATHER_GROUP + 5  # batches of 2: two full gathers and a short third one
     x = np.arange(n * 28 * 28, dtype=np.float32).reshape(n, 28, 28)

@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 
 from mnist_lstm import onednn_lstm
+from mnist_lstm.keras_archive import save_model
 from mnist_lstm.model import build_model
-from mnist_lstm.train import save_model
 from test_model import TUTORIAL
 
 
@@ -38,8 +38,8 @@ def test_mlflow_keras_save_model_with_an_input_example_still_fails_on_its_own(tm
 
 
 def test_keras_still_stamps_the_save_time_into_its_archive(tmp_path):
-    """train.stabilize_keras_archive pins Keras' save time so identical training gives identical
-    bytes (and DVC hash). When Keras stops stamping it, the rewrite may go."""
+    """keras_archive.stabilize_keras_archive pins Keras' save time so that identical training
+    gives identical bytes (and DVC hash). When Keras stops stamping it, the rewrite may go."""
     raw = tmp_path / "raw.keras"
     tiny_model().save(raw)
     with zipfile.ZipFile(raw) as archive:

@@ -65,7 +65,7 @@ def build_model(
         # Only the last layer's final state feeds the classifier: the whole image has been read.
         name = "lstm" if index == 0 else f"lstm_{index}"
         # Unrolled: 28 steps are few and fixed, so one straight-line graph beats a while loop on
-        # CPU (measured with `make bench`; README "Performance").
+        # CPU (measured with `make bench`; docs/performance.md).
         lstm = keras.layers.LSTM(params.units, return_sequences=not last, unroll=unroll, name=name)
         if params.bidirectional:
             lstm = keras.layers.Bidirectional(lstm, name=f"bi{name}")

@@ -33,7 +33,7 @@ SOURCE = Path(__file__).parent / "csrc" / "onednn_lstm.cc"
 HASH_MARKER = b"mnist-lstm-onednn-source-sha256:"
 COMPILERS = ("g++", "c++", "clang++")
 OP_DIR_ENV = "MNIST_LSTM_OP_DIR"
-# What running without the op costs, as `make bench` measured it (README "Performance").
+# What running without the op costs, as `make bench` measured it (docs/performance.md).
 COST = "Keras' LSTM trains instead, ~1.6x slower per epoch on a 2-core x86-64 CPU"
 
 

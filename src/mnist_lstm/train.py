@@ -14,31 +14,26 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import os
 import sys
 import time
-import zipfile
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from mnist_lstm import contracts, tracking
-from mnist_lstm.errors import UserError, exits_cleanly, interrupts_held
+from mnist_lstm.devices import split_cpu, strategy_for
+from mnist_lstm.errors import exits_cleanly, interrupts_held
+from mnist_lstm.input_pipeline import VALIDATION_BATCH_SIZE, training_batches, validation_batches
+from mnist_lstm.keras_archive import save_model
 from mnist_lstm.model import build_model
 from mnist_lstm.onednn_lstm import choose_kernel
 from mnist_lstm.params import ParamsError, TrainParams, flatten, load_params
 from mnist_lstm.runtime import keras, limit_malloc_arenas, tf
 
 HISTORY_COLUMNS = ("epoch", "loss", "accuracy", "val_loss", "val_accuracy")
-# Splits the CPU into N logical devices: multi-device training, testable without a second device.
-CPU_DEVICES_ENV = "MNIST_LSTM_CPU_DEVICES"
-VALIDATION_BATCH_SIZE = 1024
-# Training steps whose images one Python call gathers: a call per step cost ~0.1 s of CPU per epoch
-# on this 2-core machine, taken from the training threads.
-GATHER_GROUP = 32
 
 
 def set_seed(seed: int) -> None:
@@ -49,31 +44,6 @@ def set_seed(seed: int) -> None:
     """
     keras.utils.set_random_seed(seed)
     tf.config.experimental.enable_op_determinism()
-
-
-def split_cpu(env: Mapping[str, str]) -> None:
-    """Honour MNIST_LSTM_CPU_DEVICES=N before TensorFlow touches a device."""
-    value = env.get(CPU_DEVICES_ENV)
-    if value is None:
-        return
-    if not value.isdigit() or int(value) < 1:
-        raise UserError(f"{CPU_DEVICES_ENV} must be a whole number >= 1, got {value!r}")
-    cpu = tf.config.list_physical_devices("CPU")[0]
-    tf.config.set_logical_device_configuration(
-        cpu, [tf.config.LogicalDeviceConfiguration() for _ in range(int(value))]
-    )
-
-
-def strategy_for(params: TrainParams) -> tf.distribute.Strategy:
-    """With `distribute: auto` and more than one device visible (GPUs, else logical CPUs), a
-    MirroredStrategy: a model replica per device, gradients all-reduced every step. Otherwise
-    TensorFlow's default, one device."""
-    devices = [d.name for d in tf.config.list_logical_devices("GPU")] or [
-        d.name for d in tf.config.list_logical_devices("CPU")
-    ]
-    if params.distribute == "off" or len(devices) < 2:
-        return tf.distribute.get_strategy()
-    return tf.distribute.MirroredStrategy(devices)
 
 
 def run_name(params: TrainParams) -> str:
@@ -129,91 +99,6 @@ def training_datasets(
     ]
 
 
-def training_batches(x: np.ndarray, y: np.ndarray, batch_size: int, seed: int) -> tf.data.Dataset:
-    """Every image once per epoch, in a fresh seeded order, cut into batches of exactly
-    `batch_size`: the last batch is topped up with the epoch's first images.
-
-    Fixed-size batches let TensorFlow specialise the training graph to one static shape instead
-    of an unknown batch dimension -- about a quarter of each epoch on this CPU (README
-    "Performance"). Topping up keeps the tutorial's step count (ceil(n / batch)) and trains on every
-    image each epoch, unlike dropping the remainder.
-    """
-    n = len(x)
-    steps = -(-n // batch_size)
-    top_up = steps * batch_size - n
-
-    def epoch_steps(order: tf.Tensor) -> tf.Tensor:
-        return tf.reshape(tf.concat([order, order[:top_up]], axis=0), (steps, batch_size))
-
-    return (
-        tf.data.Dataset.range(n)
-        # Reshuffled every epoch from one seed: a rerun sees the same orders.
-        .shuffle(n, seed=seed, reshuffle_each_iteration=True)
-        .batch(n)
-        .map(epoch_steps)
-        .unbatch()
-        # Rows for GATHER_GROUP steps at a time, then split into the steps again.
-        .batch(GATHER_GROUP)
-        .map(_gather_from(x, y, (None, batch_size)))
-        .unbatch()
-        .prefetch(2)
-        # `unbatch` hides the length; Keras needs it for its progress and step count.
-        .apply(tf.data.experimental.assert_cardinality(steps))
-        .with_options(_without_autotune())
-    )
-
-
-def validation_batches(x: np.ndarray, y: np.ndarray, batch_size: int) -> tf.data.Dataset:
-    """The images in order, `batch_size` at a time (the last batch may be smaller)."""
-    n = len(x)
-
-    def rows(start: tf.Tensor) -> tf.Tensor:
-        return tf.range(start, tf.minimum(start + batch_size, n))
-
-    return (
-        tf.data.Dataset.range(0, n, batch_size)
-        .map(rows)
-        .map(_gather_from(x, y, (None,)))
-        .prefetch(1)
-        .with_options(_without_autotune())
-    )
-
-
-def _gather_from(
-    x: np.ndarray, y: np.ndarray, index_shape: tuple[int | None, ...]
-) -> Callable[[tf.Tensor], tuple[tf.Tensor, tf.Tensor]]:
-    """A tf.data map from an array of row indices to (float32 pixels, labels) of that shape,
-    gathered from the NumPy arrays themselves.
-
-    A TensorFlow copy of the images (`tf.constant`, or what Keras makes of arrays) raised the
-    stage's peak memory by 190-280 MiB; images held as uint8 levels (`load_processed`) cost a
-    quarter of float32, and `as_pixels` gives the exact float32 values `normalize` wrote. Each call
-    is a Python callback (~0.2 ms), hence GATHER_GROUP steps per call (README "Performance").
-    """
-
-    def gather(index: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        return contracts.as_pixels(x[index]), y[index]
-
-    def batch(index: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
-        images, labels = tf.numpy_function(
-            gather, [index], (tf.float32, tf.as_dtype(y.dtype)), stateful=False
-        )
-        images.set_shape((*index_shape, *x.shape[1:]))
-        labels.set_shape(index_shape)
-        return images, labels
-
-    return batch
-
-
-def _without_autotune() -> tf.data.Options:
-    # tf.data's autotuner wakes up in the background to re-tune buffers and threads; on two cores it
-    # preempts the training threads and made every other epoch ~70% slower (README "Performance").
-    # Gathering a batch of 64 rows needs no tuning.
-    options = tf.data.Options()
-    options.autotune.enabled = False
-    return options
-
-
 class _StopOnInterrupt(keras.callbacks.Callback):
     """Raises a held SIGINT/SIGTERM between steps (see errors.interrupts_held)."""
 
@@ -257,71 +142,17 @@ def fit(
     return table[list(HISTORY_COLUMNS)]
 
 
-def save_history(path: Path, history: pd.DataFrame) -> None:
-    with contracts.atomic_path(path) as tmp:
-        history.to_csv(tmp, index=False, float_format="%.6f")
-
-
-# A `.keras` file is a zip. Keras stamps the save time into `metadata.json` and into the zip entry
-# of the weights, and numbers shared objects in `config.json` by their Python id() (a memory
-# address). Pinning all three makes identical training give an identical file (and DVC hash).
-_FIXED_ZIP_TIME = (1980, 1, 1, 0, 0, 0)
-_FIXED_SAVE_DATE = "1980-01-01@00:00:00"
-
-
-def _renumber_shared_objects(config: object, ids: dict[int, int]) -> object:
-    """Replace id()-based `shared_object_id`s by 1, 2, ... in order of first appearance."""
-    if isinstance(config, dict):
-        return {
-            key: ids.setdefault(value, len(ids) + 1)
-            if key == "shared_object_id"
-            else _renumber_shared_objects(value, ids)
-            for key, value in config.items()
-        }
-    if isinstance(config, list):
-        return [_renumber_shared_objects(item, ids) for item in config]
-    return config
-
-
-def stabilize_keras_archive(src: Path, dst: Path) -> None:
-    """Copy a `.keras` archive with its run-varying bytes (save time, zip times) pinned."""
-    with zipfile.ZipFile(src) as zin, zipfile.ZipFile(dst, "w", zipfile.ZIP_STORED) as zout:
-        for info in zin.infolist():
-            payload = zin.read(info.filename)
-            if info.filename == "metadata.json":
-                metadata = json.loads(payload)
-                metadata["date_saved"] = _FIXED_SAVE_DATE
-                payload = json.dumps(metadata).encode()
-            elif info.filename == "config.json":
-                payload = json.dumps(_renumber_shared_objects(json.loads(payload), {})).encode()
-            zout.writestr(zipfile.ZipInfo(info.filename, date_time=_FIXED_ZIP_TIME), payload)
-
-
-def save_model(path: Path, model: keras.Model) -> str:
-    """Write the model atomically and byte-reproducibly; its md5, as dvc.lock will record it."""
-    with contracts.scratch_path(path) as raw, contracts.atomic_path(path) as final:
-        model.save(raw)
-        stabilize_keras_archive(raw, final)
-    return contracts.md5_file(path)
-
-
-@exits_cleanly
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--params", type=Path, default=Path("params.yaml"))
-    parser.add_argument("--data", type=Path, required=True)
-    parser.add_argument("--model", type=Path, required=True)
-    parser.add_argument("--history", type=Path, required=True)
-    args = parser.parse_args(argv)
-
-    (params,) = load_params(args.params, "train")
+def tune_process() -> None:
+    """Process settings that cost nothing in results and save time and memory."""
     limit_malloc_arenas()
     # TensorFlow, Keras and MLflow leave ~400,000 Python objects that live as long as the
     # process. Frozen, the garbage collector stops walking them in every full collection during
-    # training and once more at exit (README "Performance").
+    # training and once more at exit (docs/performance.md).
     gc.freeze()
-    # Images as uint8 levels, converted to the same float32 batch by batch: ~160 MiB less memory.
-    data = contracts.load_processed(args.data, levels=True)
+
+
+def build(params: TrainParams, data: dict[str, np.ndarray]) -> tuple[keras.Model, dict[str, str]]:
+    """The model on its devices (devices.py) with its LSTM kernel; tags that say which."""
     split_cpu(os.environ)
     set_seed(params.seed)
     (x_fit, _), _ = training_splits(data, params.tuning_split)  # refuses a bad split up front
@@ -342,6 +173,31 @@ def main(argv: list[str] | None = None) -> int:
         "train.global_batch_size": str(params.batch_size * replicas),
         tracking.TAG_LSTM_KERNEL: kernel,
     }
+    return model, facts
+
+
+def save_history(path: Path, history: pd.DataFrame) -> None:
+    with contracts.atomic_path(path) as tmp:
+        history.to_csv(tmp, index=False, float_format="%.6f")
+
+
+@exits_cleanly
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--params", type=Path, default=Path("params.yaml"))
+    parser.add_argument("--data", type=Path, required=True)
+    parser.add_argument("--model", type=Path, required=True)
+    parser.add_argument("--history", type=Path, required=True)
+    args = parser.parse_args(argv)
+
+    (params,) = load_params(args.params, "train")
+    tune_process()
+    # 1. Load MNIST, scaled to [0, 1] by `normalize` (held as uint8 levels: ~160 MiB less memory).
+    data = contracts.load_processed(args.data, levels=True)
+    # 2. Build the tutorial's model: LSTM(64) -> BatchNormalization -> Dense(10) logits, SGD.
+    model, facts = build(params, data)
+    replicas = int(facts["train.replicas"])
+    # 3. Fit, logging every epoch. The run opens first: a store that is down fails before epoch 1.
     processed_md5 = contracts.md5_file(args.data)
     with tracking.training_run(
         run_name(params), {**flatten(params), **upstream_params(data)}, facts
@@ -354,8 +210,10 @@ def main(argv: list[str] | None = None) -> int:
             model, data, params, [tracking.EpochMetrics(run)], verbose=verbose, replicas=replicas
         )
         seconds = time.perf_counter() - started
+        # 4. Save the model file DVC tracks (identical training, identical bytes) and the history.
         model_md5 = save_model(args.model, model)
         save_history(args.history, history)
+        # 5. Log the model, and the hashes that tie the run to dvc.lock.
         tracking.log_training(
             run,
             model,
