@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The README's GPU figures, in one run on a machine with an NVIDIA GPU, CUDA builds of PyTorch and
+# The GPU figures in docs/performance.md, in one run on a machine with an NVIDIA GPU, CUDA builds of PyTorch and
 # JAX, and no TensorFlow (so the train stage itself cannot run there; Keras 3 runs the same model on
 # JAX). Expects the raw data as .gpu/mnist.npz and, if Keras is not installed, its wheels in .whl/.
 # Writes JSON lines to ${OUT:-.gpu}/gpu.jsonl.

@@ -1,8 +1,8 @@
 """The project's model in plain Keras 3 on any backend (KERAS_BACKEND=jax|torch|tensorflow).
 
-For machines where TensorFlow is not installed, such as the GPU machine the README's GPU figures
-come from (its image carries JAX and PyTorch with CUDA). Same model, data, loss, optimizer, batch
-and epochs as the train stage; prints one JSON line like the other bench scripts.
+For machines where TensorFlow is not installed, such as the GPU machine behind the GPU figures in
+docs/performance.md (its image carries JAX and PyTorch with CUDA). Same model, data, loss,
+optimizer, batch and epochs as the train stage; prints one JSON line like the other bench scripts.
 """
 
 import argparse

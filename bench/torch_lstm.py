@@ -16,7 +16,7 @@ from torch import nn
 parser = argparse.ArgumentParser()
 parser.add_argument("--data", default="data/raw/mnist.npz")
 parser.add_argument("--epochs", type=int, default=10)
-parser.add_argument("--device", default="cpu", help="cuda: the GPU figures in the README")
+parser.add_argument("--device", default="cpu", help="cuda: the GPU figures in docs/performance.md")
 args = parser.parse_args()
 torch.manual_seed(0)
 

@@ -6,8 +6,8 @@
 //   -> outputs [N,T,H] (h at every step), h [N,H], c [N,H], workspace (for the gradient).
 //
 // Threads: the batch is cut into `shards` contiguous slices, each run single-threaded on its own
-// worker thread; weight gradients are summed in shard order. Measured on 2 cores (README
-// "Performance"): two one-thread halves take half the time of one two-thread oneDNN call inside
+// worker thread; weight gradients are summed in shard order. Measured on 2 cores
+// (docs/performance.md): two one-thread halves take half the time of one two-thread oneDNN call inside
 // TensorFlow, whose OpenMP team spins against TensorFlow's own threads. A fixed shard count (not
 // the machine's core count) keeps results identical from machine to machine.
 //
