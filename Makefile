@@ -20,7 +20,7 @@ export PATH := $(CURDIR)/$(BIN):$(PATH)
 # Never download a Python: use the one PYTHON names (uv says so in one line if it is too old).
 export UV_PYTHON_DOWNLOADS := never
 
-.PHONY: install run test test-all lint gate promote sweep tuned bench ui ui-check server server-stop serve lineage sync lock lock-check clean-venv
+.PHONY: install run test test-all lint gate promote sweep tuned bench ui ui-check server server-stop serve lineage sync share lock lock-check clean-venv
 
 $(UV):
 	$(PYTHON) -m venv $(TOOLS)
@@ -106,11 +106,14 @@ bench: install $(TORCH_VENV)/.installed
 # with proxied artifacts (ARTIFACTS=s3://bucket/prefix to use object storage instead of
 # .server/artifacts). Prints the URI: `MLFLOW_TRACKING_URI=<it> make run`.
 SERVER_PORT ?= 5001
+# SERVER_HOST=<this machine's address> serves a team's other machines (docs/team.md); PostgreSQL
+# stays on loopback either way.
+SERVER_HOST ?= 127.0.0.1
 PG_PORT ?= 5433
 # STATE=<dir> keeps the cluster, artifacts and logs there instead of .server/ (as root, a folder
 # the `postgres` user can enter: PostgreSQL refuses to run as root).
 server: install
-	python -m mnist_lstm.server start --port $(SERVER_PORT) --pg-port $(PG_PORT) \
+	python -m mnist_lstm.server start --host $(SERVER_HOST) --port $(SERVER_PORT) --pg-port $(PG_PORT) \
 		$(if $(STATE),--state $(STATE)) $(if $(ARTIFACTS),--artifacts-destination $(ARTIFACTS))
 
 server-stop: install
@@ -156,6 +159,13 @@ lineage: install
 # store each run belongs to; safe to repeat or interrupt. STATUS=1 only lists what waits.
 sync: install
 	python -m mnist_lstm.sync $(if $(STATUS),--status)
+
+# Shares experiments with the team (docs/team.md): their data to the DVC remote first, then their
+# git refs, so a failure half-way never publishes an experiment whose data is missing. EXPS=names
+# (default: the current commit's experiments); GIT_REMOTE=origin.
+GIT_REMOTE ?= origin
+share: install
+	python -m mnist_lstm.share --git-remote $(GIT_REMOTE) $(EXPS)
 
 # After changing dependencies in pyproject.toml: re-resolve uv.lock for every supported platform
 # and Python, then `make install`.

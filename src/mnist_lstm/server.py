@@ -2,12 +2,13 @@
 
 A real PostgreSQL cluster (Debian's `postgresql` package) is created under a project-local folder
 (default `.server/`, git-ignored) and started on 127.0.0.1 only; an `mlflow server` runs on top of
-it with proxied artifact storage (`--artifacts-destination`: a local folder, or any URL MLflow
+it (on 127.0.0.1, or `--host ADDRESS` for a team's other machines, docs/team.md) with proxied
+artifact storage (`--artifacts-destination`: a local folder, or any URL MLflow
 supports, such as `s3://bucket/prefix`). Prints the tracking URI; point the pipeline at it with
 `MLFLOW_TRACKING_URI=<uri> make run`.
 
-    python -m mnist_lstm.server start [--state DIR] [--port 5001] [--pg-port 5433]
-                                      [--artifacts-destination URL]
+    python -m mnist_lstm.server start [--state DIR] [--host 127.0.0.1] [--port 5001]
+                                      [--pg-port 5433] [--artifacts-destination URL]
     python -m mnist_lstm.server stop  [--state DIR]
 
 PostgreSQL refuses to run as root: as root, the cluster is owned by and run as the `postgres` user.
@@ -187,8 +188,10 @@ def _healthy(uri: str) -> bool:
         return False
 
 
-def start_mlflow(state: Path, backend: str, port: int, artifacts: str, timeout: float) -> str:
-    uri = f"http://127.0.0.1:{port}"
+def start_mlflow(
+    state: Path, backend: str, host: str, port: int, artifacts: str, timeout: float
+) -> str:
+    uri = f"http://{host}:{port}"
     if _healthy(uri):
         raise UserError(f"something already answers on {uri}: stop it or pick another --port")
     log = state / "mlflow.log"
@@ -201,7 +204,7 @@ def start_mlflow(state: Path, backend: str, port: int, artifacts: str, timeout: 
                 "mlflow",
                 "server",
                 "--host",
-                "127.0.0.1",
+                host,
                 "--port",
                 str(port),
                 "--workers",
@@ -262,6 +265,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("action", choices=["start", "stop"])
     parser.add_argument("--state", type=Path, default=Path(".server"))
+    # The database stays on loopback whatever this says: only the MLflow server talks to it.
+    parser.add_argument("--host", default="127.0.0.1", help="address the MLflow server binds")
     parser.add_argument("--port", type=int, default=5001)
     parser.add_argument("--pg-port", type=int, default=5433)
     parser.add_argument("--artifacts-destination", help="default: <state>/artifacts")
@@ -276,7 +281,7 @@ def main(argv: list[str] | None = None) -> int:
     state.mkdir(parents=True, exist_ok=True)
     artifacts = args.artifacts_destination or str(state / "artifacts")
     backend = start_postgres(state, args.pg_port)
-    uri = start_mlflow(state, backend, args.port, artifacts, args.timeout)
+    uri = start_mlflow(state, backend, args.host, args.port, artifacts, args.timeout)
     print(f"PostgreSQL on 127.0.0.1:{args.pg_port}, artifacts -> {artifacts}")
     print(f"MLflow tracking server: {uri}")
     print(f"  MLFLOW_TRACKING_URI={uri} make run")
