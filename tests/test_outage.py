@@ -146,18 +146,23 @@ def sync(root: Path, env: dict, check: bool = True) -> subprocess.CompletedProce
     return run([sys.executable, "-m", "mnist_lstm.sync"], root, env, check=check)
 
 
-def the_run(server: MlflowServer, model_md5: str, newest: bool = True) -> dict:
-    """The newest run (over REST) tagged with this model md5."""
+def search_runs(server: MlflowServer, filter_string: str, order_by: list[str] = ()) -> list[dict]:
+    """The experiment's runs matching `filter_string`, over REST."""
     experiment = server.api("experiments/get-by-name", experiment_name="mnist-lstm")
-    found = server.post(
+    return server.post(
         "runs/search",
         {
             "experiment_ids": [experiment["experiment"]["experiment_id"]],
-            "filter": f"tags.`dvc.model_md5` = '{model_md5}'",
-            "order_by": [f"attributes.start_time {'DESC' if newest else 'ASC'}"],
+            "filter": filter_string,
+            "order_by": list(order_by),
         },
-    )["runs"]
-    return found[0]
+    ).get("runs", [])
+
+
+def the_run(server: MlflowServer, model_md5: str, newest: bool = True) -> dict:
+    """The newest run (over REST) tagged with this model md5."""
+    order = f"attributes.start_time {'DESC' if newest else 'ASC'}"
+    return search_runs(server, f"tags.`dvc.model_md5` = '{model_md5}'", [order])[0]
 
 
 def snapshot(server: MlflowServer, run: dict, once: bool = False) -> dict:
@@ -350,14 +355,7 @@ def test_sync_killed_midway_resumes_and_a_repeated_sync_duplicates_nothing(
 
 
 def runs_of_spool(server: MlflowServer, spool_id: str) -> list[dict]:
-    experiment = server.api("experiments/get-by-name", experiment_name="mnist-lstm")
-    return server.post(
-        "runs/search",
-        {
-            "experiment_ids": [experiment["experiment"]["experiment_id"]],
-            "filter": f"tags.`mnist_lstm.spool_id` = '{spool_id}'",
-        },
-    ).get("runs", [])
+    return search_runs(server, f"tags.`mnist_lstm.spool_id` = '{spool_id}'")
 
 
 def test_a_sqlite_store_locked_past_its_timeout_is_an_outage_too(tmp_path, tiny_raw, write_params):
