@@ -55,6 +55,23 @@ def test_a_spool_is_finished_only_when_synced_and_no_live_stage_writes_to_it(tmp
     assert not s.writer_alive()  # its writer died: a sync may finish it
 
 
+def test_an_op_written_while_a_sync_checks_the_spool_is_never_deleted_unsent(tmp_path):
+    """The stage's last op and its release can fall between a sync's two reads."""
+    writer = spool.Spool.create(tmp_path, "http://store", "run1")
+    writer.append({"op": "metrics", "metrics": []})
+    syncing = spool.Spool(writer.path)
+    syncing.mark_synced("run1", 1)
+
+    class LastWriteDuringTheCheck(spool.Spool):
+        def writer_alive(self) -> bool:
+            writer.append({"op": "end", "status": "FINISHED", "end_time": 1})
+            writer.release()
+            return super().writer_alive()
+
+    assert not LastWriteDuringTheCheck(writer.path).finished()
+    assert [op["op"] for op in syncing.unsynced()] == ["end"]
+
+
 def _host() -> str:
     import socket
 

@@ -184,8 +184,13 @@ class Spool:
         return [op for op in self.ops() if op["seq"] > done]
 
     def finished(self) -> bool:
-        """Every op is in the store and no stage will add more: the spool can go."""
-        return not self.unsynced() and not self.writer_alive()
+        """Every op is in the store and no stage will add more: the spool can go.
+
+        The writer first, then the ops: a stage appends its last op before it releases the
+        spool, so once it is seen gone every op it wrote is in the file. Read the other way
+        round, an op appended between the two reads would be deleted unsent.
+        """
+        return not self.writer_alive() and not self.unsynced()
 
     def remove(self) -> None:
         shutil.rmtree(self.path, ignore_errors=True)
