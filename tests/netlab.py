@@ -28,6 +28,8 @@ from pathlib import Path
 
 # Namespaces are machine-wide: every lab's names carry its own prefix.
 PREFIX = "mlab"
+# Set (by .ci/run, as root): tests that need namespaces fail instead of skipping without them.
+REQUIRE_ENV = "MNIST_LSTM_REQUIRE_NETNS"
 
 
 def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess:
