@@ -13,19 +13,21 @@ uses to find it again.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
+import multiprocessing.pool
 import os
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from mnist_lstm import contracts, tracking
-from mnist_lstm.devices import split_cpu, strategy_for
-from mnist_lstm.errors import exits_cleanly, interrupts_held
+from mnist_lstm import contracts, keras_multiworker, tracking
+from mnist_lstm.devices import Cluster, cluster_from, split_cpu, strategy_for
+from mnist_lstm.errors import UserError, exits_cleanly, interrupts_held
 from mnist_lstm.input_pipeline import VALIDATION_BATCH_SIZE, training_batches, validation_batches
 from mnist_lstm.keras_archive import save_model
 from mnist_lstm.model import build_model
@@ -151,12 +153,16 @@ def tune_process() -> None:
     gc.freeze()
 
 
-def build(params: TrainParams, data: dict[str, np.ndarray]) -> tuple[keras.Model, dict[str, str]]:
-    """The model on its devices (devices.py) with its LSTM kernel; tags that say which."""
+def build(
+    params: TrainParams, data: dict[str, np.ndarray], cluster: Cluster | None = None
+) -> tuple[keras.Model, dict[str, str]]:
+    """The model on its devices and hosts (devices.py) with its LSTM kernel; tags that say
+    which."""
     split_cpu(os.environ)
-    set_seed(params.seed)
     (x_fit, _), _ = training_splits(data, params.tuning_split)  # refuses a bad split up front
-    strategy = strategy_for(params)
+    # Before any other TensorFlow work: a multi-host strategy starts this host's server.
+    strategy = strategy_for(params, cluster)
+    set_seed(params.seed)
     replicas = strategy.num_replicas_in_sync
     # The fused oneDNN op where it is built and usable, else Keras' own LSTM (cuDNN on a GPU).
     kernel, why = choose_kernel(params.lstm_kernel)
@@ -167,13 +173,56 @@ def build(params: TrainParams, data: dict[str, np.ndarray]) -> tuple[keras.Model
         model = build_model(
             params, n_train=len(x_fit), replicas=replicas, unroll=not on_gpu, kernel=kernel
         )
+    # Keras' fit across hosts needs two mends (keras_multiworker.py); nothing changes elsewhere.
+    keras_multiworker.prepare(model, strategy, params.batch_size)
     model.summary()
     facts = {
+        "train.cluster_size": str(cluster.size if cluster else 1),
         "train.replicas": str(replicas),
         "train.global_batch_size": str(params.batch_size * replicas),
         tracking.TAG_LSTM_KERNEL: kernel,
     }
     return model, facts
+
+
+@contextlib.contextmanager
+def cluster_failures(cluster: Cluster | None) -> Iterator[None]:
+    """A host of the cluster lost mid-training (killed, its link down): TensorFlow's collective
+    or coordination error becomes one line. Its training steps cannot go on without it."""
+    lost = None
+    try:
+        yield
+    except tf.errors.OpError as err:
+        if cluster is None or cluster.size < 2:
+            raise
+        lost = cluster.failure(err.message)
+    if lost:
+        # TensorFlow's eager all-reduce (reading the metrics at an epoch's end) closes its thread
+        # pool only when the reduce succeeds; left open, the pool's finalizer fails at exit with
+        # a traceback. tests/test_upstream.py fails when TensorFlow closes it itself.
+        for pool in gc.get_objects():
+            if isinstance(pool, multiprocessing.pool.Pool) and pool._state == "RUN":
+                pool.terminate()
+        raise UserError(lost)
+
+
+def train_as_worker(
+    model: keras.Model,
+    data: dict[str, np.ndarray],
+    params: TrainParams,
+    replicas: int,
+    cluster: Cluster,
+) -> int:
+    """A non-chief host: takes its part in every step, then leaves the model, the history and
+    the run to the chief."""
+    verbose = "auto" if sys.stdout.isatty() else 2
+    with cluster_failures(cluster):
+        history = fit(model, data, params, [], verbose=verbose, replicas=replicas)
+    print(
+        f"train: {cluster.describe()}, {len(history)} epochs done; the chief "
+        f"({cluster.describe(0)}) writes the model and logs the run"
+    )
+    return 0
 
 
 def save_history(path: Path, history: pd.DataFrame) -> None:
@@ -195,8 +244,11 @@ def main(argv: list[str] | None = None) -> int:
     # 1. Load MNIST, scaled to [0, 1] by `normalize` (held as uint8 levels: ~160 MiB less memory).
     data = contracts.load_processed(args.data, levels=True)
     # 2. Build the tutorial's model: LSTM(64) -> BatchNormalization -> Dense(10) logits, SGD.
-    model, facts = build(params, data)
+    cluster = cluster_from(os.environ)
+    model, facts = build(params, data, cluster)
     replicas = int(facts["train.replicas"])
+    if cluster is not None and not cluster.is_chief:
+        return train_as_worker(model, data, params, replicas, cluster)
     # 3. Fit, logging every epoch. The run opens first: a store that is down fails before epoch 1.
     processed_md5 = contracts.md5_file(args.data)
     with tracking.training_run(
@@ -206,14 +258,25 @@ def main(argv: list[str] | None = None) -> int:
         started = time.perf_counter()
         # One line per epoch when DVC captures the output; the live bar on a terminal.
         verbose = "auto" if sys.stdout.isatty() else 2
-        history = fit(
-            model, data, params, [tracking.EpochMetrics(run)], verbose=verbose, replicas=replicas
-        )
+        with cluster_failures(cluster):
+            history = fit(
+                model,
+                data,
+                params,
+                [tracking.EpochMetrics(run)],
+                verbose=verbose,
+                replicas=replicas,
+            )
         seconds = time.perf_counter() - started
         # 4. Save the model file DVC tracks (identical training, identical bytes) and the history.
         model_md5 = save_model(args.model, model)
         save_history(args.history, history)
         # 5. Log the model, and the hashes that tie the run to dvc.lock.
+        # Across hosts the trained model lives in the cluster's strategy, where every predict
+        # (MLflow infers the signature with one) is a step the other hosts have left: log the
+        # saved file instead.
+        if cluster is not None:
+            model = keras.models.load_model(args.model, safe_mode=True)
         tracking.log_training(
             run,
             model,
@@ -224,7 +287,8 @@ def main(argv: list[str] | None = None) -> int:
             epochs=len(history),
         )
     print(
-        f"train: {len(history)} epochs on {replicas} device(s) in {seconds:.1f}s "
+        f"train: {len(history)} epochs on {replicas} device(s)"
+        f"{f' across {cluster.size} hosts' if cluster else ''} in {seconds:.1f}s "
         f"({seconds / len(history):.2f}s/epoch), "
         f"val_accuracy {history['val_accuracy'].iloc[-1]:.4f}; model -> {args.model}; "
         f"MLflow run {run.run_id}"
