@@ -20,7 +20,7 @@ export PATH := $(CURDIR)/$(BIN):$(PATH)
 # Never download a Python: use the one PYTHON names (uv says so in one line if it is too old).
 export UV_PYTHON_DOWNLOADS := never
 
-.PHONY: install run test test-all lint gate promote sweep tuned bench ui ui-check server server-stop serve lineage sync share lock lock-check clean-venv
+.PHONY: install run test test-all lint gate promote sweep tuned bench ui ui-check server server-stop serve lineage sync share worker lock lock-check clean-venv
 
 $(UV):
 	$(PYTHON) -m venv $(TOOLS)
@@ -166,6 +166,15 @@ sync: install
 GIT_REMOTE ?= origin
 share: install
 	python -m mnist_lstm.share --git-remote $(GIT_REMOTE) $(EXPS)
+
+# Another host of a training cluster (docs/team.md): TF_CONFIG names every host and this one's
+# task; the chief runs `dvc repro` (or `dvc exp run`) with its own TF_CONFIG. This host prepares
+# its copy of the data, then runs the train stage's command in lockstep with the others and writes
+# nothing (the chief writes the model and logs the run).
+worker: install
+	dvc repro normalize
+	python -m mnist_lstm.train --params params.yaml --data data/processed/mnist.npz \
+		--model models/model.keras --history models/history.csv
 
 # After changing dependencies in pyproject.toml: re-resolve uv.lock for every supported platform
 # and Python, then `make install`.

@@ -84,3 +84,19 @@ def test_a_lost_host_is_named_with_how_it_was_lost():
     # Its own device is named in the op too: the lost host is the other one.
     assert "host 1 (10.0.0.3:2222) refused the connection" in survivor.failure(REFUSED)
     assert "a host failed (something else)" in survivor.failure("Some\n\nsomething else")
+
+
+def test_make_worker_runs_the_train_stage_command():
+    """The other hosts of a cluster run exactly what `dvc repro` runs on the chief."""
+    import re
+    import shlex
+
+    import yaml
+
+    from conftest import REPO
+
+    stage = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]["train"]["cmd"]
+    recipe = re.search(r"^worker:.*?\n((?:\t.*\n)+)", (REPO / "Makefile").read_text(), re.M)
+    lines = recipe.group(1).replace("\\\n", " ").splitlines()
+    assert [line.strip() for line in lines][0] == "dvc repro normalize"
+    assert shlex.split(lines[1]) == shlex.split(stage)
