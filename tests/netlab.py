@@ -209,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{host.name} {host.address}: ip netns exec {host.netns} bash")
     if _has_ping():
         lab.wait_reachable()
-    print(f"remove with: python {Path(__file__).name} down")
+    print(f"remove with: python {sys.argv[0]} down")
     return 0
 
 

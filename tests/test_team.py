@@ -305,10 +305,13 @@ def test_two_workers_share_experiments_and_a_third_host_reproduces_nothing(team)
         (logged,) = runs_with_model(third, digest)
         assert logged["name"].startswith(f"{exp}:"), logged
         assert logged["status"] == "FINISHED"
-    # `make lineage` there finds exp-b's run on the server by the hashes in its dvc.lock.
-    lineage = third.run([sys.executable, "-m", "mnist_lstm.lineage"], work).stdout
-    (run_b,) = runs_with_model(third, md5["exp-b"])
-    assert run_b["id"] in lineage, lineage
+    # `make lineage` there finds each experiment's run on the server by the hashes in its dvc.lock.
+    for exp in ("exp-b", "exp-a"):
+        third.run(["dvc", "exp", "apply", exp], work)
+        third.run(["dvc", "pull"], work)
+        lineage = third.run([sys.executable, "-m", "mnist_lstm.lineage"], work).stdout
+        (logged,) = runs_with_model(third, md5[exp])
+        assert logged["id"] in lineage, lineage
 
 
 def test_ssh_remote_unreachable_during_share_publishes_no_half_experiment(team):
@@ -323,7 +326,10 @@ def test_ssh_remote_unreachable_during_share_publishes_no_half_experiment(team):
     worker.host.unblock(team.services.address)
     assert failed.returncode == 1
     (line,) = failed.stderr.strip().splitlines()
-    assert line.startswith("error: share: DVC remote") and "No route to host" in line, line
+    assert (
+        line.startswith("error: share: DVC remote 'shared' (ssh://root@")
+        and "No route to host" in line
+    ), line
     assert remote_exp_refs(team) == before
 
     # Only the DVC remote unreachable (the data on a second address of the services host), git

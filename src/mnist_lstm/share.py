@@ -43,7 +43,7 @@ def share(git_remote: str, dvc_remote: str | None, names: list[str]) -> list[str
         if not refs:
             raise UserError("share: no experiments of this commit to push (see `dvc exp show`)")
         remote = repo.cloud.get_remote(dvc_remote)
-        where = f"DVC remote {remote.name!r} ({remote.path})"
+        where = f"DVC remote {remote.name!r} ({repo.config['remote'][remote.name]['url']})"
         try:
             # Reaching the remote first gives the real reason (no route, refused key) in one
             # line, instead of DVC's "N files failed to upload".
