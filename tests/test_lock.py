@@ -63,13 +63,11 @@ def test_pyproject_declares_every_third_party_package_the_code_imports():
     indirect = {"psycopg2-binary", "dvc", "pytest"}
     distributions = importlib.metadata.packages_distributions()
     missing = indirect - declared()
+    # The project's own modules: the package, and the tests' helpers (conftest, netlab, ...).
+    own = {"mnist_lstm"} | {path.stem for path in (REPO / "tests").glob("*.py")}
     for folder in ("src", "tests"):
         for module in imported_top_level(REPO / folder):
-            if module in sys.stdlib_module_names or module in (
-                "mnist_lstm",
-                "conftest",
-                "test_model",
-            ):
+            if module in sys.stdlib_module_names or module in own:
                 continue
             assert module in distributions, f"{folder} imports {module}, which nothing installs"
             # Some modules come from several distributions (mlflow, mlflow-skinny): one will do.

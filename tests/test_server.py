@@ -186,7 +186,9 @@ def test_a_taken_port_is_refused_before_starting_anything(tmp_path):
     threading.Thread(target=busy.serve_forever, daemon=True).start()
     try:
         with pytest.raises(UserError, match="something already answers on http://127.0.0.1:"):
-            server.start_mlflow(tmp_path, "postgresql://unused", busy.server_port, "x", 5)
+            server.start_mlflow(
+                tmp_path, "postgresql://unused", "127.0.0.1", busy.server_port, "x", 5
+            )
         assert not (tmp_path / "mlflow.pid").exists()
     finally:
         busy.shutdown()
