@@ -131,6 +131,10 @@ def make_project(root: Path, **overrides) -> tuple[Path, dict[str, str]]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_"))}
     env.update(PATH=f"{BIN}{os.pathsep}{env['PATH']}", PYTHONPATH=str(root / "src"))
     run(["git", "init", "-q"], root, env)
+    # The project's own identity: a fresh machine (a CI runner) has no global one, and `dvc exp`
+    # commits through its own git backend, which reads only git config.
+    run(["git", "config", "user.name", "mnist-lstm tests"], root, env)
+    run(["git", "config", "user.email", "tests@mnist-lstm.invalid"], root, env)
     commit(root, env, "tiny project")
     return root, env
 
