@@ -1,128 +1,124 @@
-"""The only reader of params.yaml: each section becomes a frozen, validated dataclass.
+"""The only reader of params.yaml: each section becomes a frozen, validated pydantic model.
 
 A stage asks for the sections dvc.yaml declares for it, e.g. `load_params(path, "train")`.
 Every mistake (not YAML, a missing or unknown key, a wrong type, a value out of range) raises
-`ParamsError` with one line naming the file, the key, the value and what is allowed.
+`ParamsError` with one line naming the file, the key, the value and what is allowed: each field's
+`description` is that rule in words, and pydantic's first error picks the field.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import difflib
-import math
 from collections.abc import Mapping
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any
+from typing import Annotated, Any, Literal, TypeVar, get_args
 
 import yaml
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    PlainSerializer,
+    ValidationError,
+    ValidationInfo,
+    model_validator,
+)
 
 from mnist_lstm.errors import UserError
 
-FETCH_SOURCES = ("auto", "keras", "package", "path")
-OPTIMIZERS = ("sgd", "adam", "rmsprop")
-SCHEDULES = ("constant", "cosine")
-DISTRIBUTE = ("auto", "off")
-LSTM_KERNELS = ("auto", "onednn", "keras")
 # The holdout comes from the 10,000 test images and validation needs at least one of them.
 MAX_HOLDOUT = 9999
+# YAML 1.1 reads `1e-3` as a string: strict mode refuses it rather than guess, as it refuses
+# booleans and 2.5 for integers. Ints are accepted for numbers (and become floats).
+Number = Annotated[float, Field(allow_inf_nan=False)]
+# In a gate rule, null switches that rule off.
+OptionalNumber = Number | None
 
 
 class ParamsError(UserError):
     """params.yaml (or a `dvc exp run -S` override) holds something the pipeline cannot use."""
 
 
-def _spec(kind: str, allowed: str = "", check=lambda value: True) -> dict[str, Any]:
-    return {"kind": kind, "allowed": allowed, "check": check}
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        # Fail as a frozen dataclass does (AttributeError), not with pydantic's ValidationError.
+        raise AttributeError(f"{type(self).__name__} is frozen: cannot set '{name}'")
 
 
-@dataclasses.dataclass(frozen=True)
-class FetchParams:
-    source: str = dataclasses.field(
-        metadata=_spec("choice", "one of " + ", ".join(FETCH_SOURCES), lambda v: v in FETCH_SOURCES)
-    )
-    path: str = dataclasses.field(metadata=_spec("str"))
-    url: str = dataclasses.field(
-        metadata=_spec("str", "an http(s) URL", lambda v: v.startswith(("http://", "https://")))
-    )
-    timeout_s: float = dataclasses.field(metadata=_spec("number", "> 0", lambda v: v > 0))
+class FetchParams(_Section):
+    source: Literal["auto", "keras", "package", "path"]
+    path: str = Field(description="a string")
+    url: str = Field(pattern=r"^https?://", description="an http(s) URL")
+    timeout_s: Number = Field(gt=0, description="a finite number > 0")
 
-    def __post_init__(self) -> None:
+    @model_validator(mode="after")
+    def _path_source_needs_a_path(self) -> FetchParams:
         if self.source == "path" and not self.path:
-            raise ParamsError(
+            raise ValueError(
                 "fetch.path must name a local .npz when fetch.source is 'path', got ''"
             )
+        return self
 
 
-@dataclasses.dataclass(frozen=True)
-class NormalizeParams:
-    holdout_size: int = dataclasses.field(
-        metadata=_spec("int", f"1..{MAX_HOLDOUT}", lambda v: 1 <= v <= MAX_HOLDOUT)
-    )
+class NormalizeParams(_Section):
+    holdout_size: int = Field(ge=1, le=MAX_HOLDOUT, description=f"an integer 1..{MAX_HOLDOUT}")
 
 
-@dataclasses.dataclass(frozen=True)
-class TrainParams:
-    units: int = dataclasses.field(metadata=_spec("int", "> 0", lambda v: v > 0))
-    batch_norm: bool = dataclasses.field(metadata=_spec("bool"))
-    optimizer: str = dataclasses.field(
-        metadata=_spec("choice", "one of " + ", ".join(OPTIMIZERS), lambda v: v in OPTIMIZERS)
-    )
-    learning_rate: float = dataclasses.field(metadata=_spec("number", "> 0", lambda v: v > 0))
-    batch_size: int = dataclasses.field(metadata=_spec("int", "> 0", lambda v: v > 0))
-    epochs: int = dataclasses.field(metadata=_spec("int", ">= 1", lambda v: v >= 1))
-    seed: int = dataclasses.field(metadata=_spec("int", "0..2**32-1", lambda v: 0 <= v < 2**32))
-    bidirectional: bool = dataclasses.field(metadata=_spec("bool"))
-    layers: int = dataclasses.field(metadata=_spec("int", "1..4", lambda v: 1 <= v <= 4))
-    dropout: float = dataclasses.field(metadata=_spec("number", "in [0, 1)", lambda v: 0 <= v < 1))
-    schedule: str = dataclasses.field(
-        metadata=_spec("choice", "one of " + ", ".join(SCHEDULES), lambda v: v in SCHEDULES)
-    )
-    augment_shift: int = dataclasses.field(metadata=_spec("int", "0..8", lambda v: 0 <= v <= 8))
-    tuning_split: int = dataclasses.field(metadata=_spec("int", ">= 0", lambda v: v >= 0))
-    distribute: str = dataclasses.field(
-        metadata=_spec("choice", "one of " + ", ".join(DISTRIBUTE), lambda v: v in DISTRIBUTE)
-    )
-    lstm_kernel: str = dataclasses.field(
-        metadata=_spec("choice", "one of " + ", ".join(LSTM_KERNELS), lambda v: v in LSTM_KERNELS)
-    )
+class TrainParams(_Section):
+    units: int = Field(gt=0, description="an integer > 0")
+    batch_norm: bool = Field(description="true or false")
+    optimizer: Literal["sgd", "adam", "rmsprop"]
+    learning_rate: Number = Field(gt=0, description="a finite number > 0")
+    batch_size: int = Field(gt=0, description="an integer > 0")
+    epochs: int = Field(ge=1, description="an integer >= 1")
+    seed: int = Field(ge=0, lt=2**32, description="an integer 0..2**32-1")
+    bidirectional: bool = Field(description="true or false")
+    layers: int = Field(ge=1, le=4, description="an integer 1..4")
+    dropout: Number = Field(ge=0, lt=1, description="a finite number in [0, 1)")
+    schedule: Literal["constant", "cosine"]
+    augment_shift: int = Field(ge=0, le=8, description="an integer 0..8")
+    tuning_split: int = Field(ge=0, description="an integer >= 0")
+    distribute: Literal["auto", "off"]
+    lstm_kernel: Literal["auto", "onednn", "keras"]
 
 
-DIRECTIONS = ("higher", "lower")
-
-
-@dataclasses.dataclass(frozen=True)
-class GateRule:
+class GateRule(_Section):
     """How one metric may change: `better` says which way is good."""
 
-    better: str = dataclasses.field(
-        metadata=_spec("choice", "one of " + ", ".join(DIRECTIONS), lambda v: v in DIRECTIONS)
-    )
+    better: Literal["higher", "lower"]
     # The absolute bound: a floor when higher is better, a ceiling when lower is better.
-    limit: float | None = dataclasses.field(metadata=_spec("optional_number"))
+    limit: OptionalNumber = Field(description="a finite number or null")
     # How far the metric may move the bad way from the baseline.
-    max_regression: float | None = dataclasses.field(
-        metadata=_spec("optional_number", ">= 0", lambda v: v >= 0)
-    )
+    max_regression: OptionalNumber = Field(ge=0, description="a finite number or null >= 0")
 
-    def __post_init__(self) -> None:
+    @model_validator(mode="after")
+    def _has_a_bound(self, info: ValidationInfo) -> GateRule:
         if self.limit is None and self.max_regression is None:
-            raise ParamsError("needs a limit, a max_regression or both (both are null)")
+            # The rule does not know its metric: parsing passes its name as the context.
+            name = (info.context or {}).get("name", "a gate rule")
+            raise ValueError(f"{name} needs a limit, a max_regression or both (both are null)")
+        return self
 
 
-@dataclasses.dataclass(frozen=True)
-class GateParams:
+class GateParams(_Section):
     """Regression rules per metric of reports/metrics.json, e.g. `rules["val_accuracy"]`."""
 
-    rules: Mapping[str, GateRule]
+    rules: Annotated[
+        Mapping[str, GateRule], AfterValidator(MappingProxyType), PlainSerializer(dict)
+    ]
 
 
-SECTIONS: dict[str, type] = {
+SECTIONS: dict[str, type[_Section]] = {
     "fetch": FetchParams,
     "normalize": NormalizeParams,
     "train": TrainParams,
     "gate": GateParams,
 }
+_Model = TypeVar("_Model", bound=_Section)
 
 
 def _describe(value: Any) -> str:
@@ -140,76 +136,51 @@ def _describe(value: Any) -> str:
     return repr(value)
 
 
-def _coerce(where: str, value: Any, spec: dict[str, Any]) -> Any:
-    kind, allowed = spec["kind"], spec["allowed"]
-    if kind == "optional_number" and value is None:
-        return None  # null switches the rule off
-    if kind == "int":
-        ok = isinstance(value, int) and not isinstance(value, bool)
-        expected = "an integer"
-    elif kind in ("number", "optional_number"):
-        # YAML 1.1 reads `1e-3` as a string, so a string here is an easy mistake to make.
-        ok = (
-            isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-        )
-        expected = "a finite number" + (" or null" if kind == "optional_number" else "")
-        value = float(value) if ok else value
-    elif kind == "bool":
-        ok = isinstance(value, bool)
-        expected = "true or false"
-    else:
-        ok = isinstance(value, str)
-        expected = "a string"
-    if ok and spec["check"](value):
-        return value
-    rule = allowed if kind in ("choice", "str") and allowed else f"{expected} {allowed}".strip()
-    raise ParamsError(f"{where} must be {rule}, got {_describe(value)}")
+def _validate(cls: type[_Model], name: str, raw: dict[str, Any], source: str) -> _Model:
+    try:
+        return cls.model_validate(raw, context={"name": name})
+    except ValidationError as err:
+        raise ParamsError(f"{source}: {_explain(cls, name, err)}") from None
+
+
+def _explain(cls: type[_Section], name: str, err: ValidationError) -> str:
+    """Pydantic's first error as one line; an unknown key first, as a typo is also a missing key."""
+    unknown = ("extra_forbidden", "invalid_key")
+    errors = err.errors()
+    error = next((e for e in errors if e["type"] in unknown), errors[0])
+    if not error["loc"]:  # a model validator's cross-field rule, worded in full
+        return str(error["ctx"]["error"])
+    key, fields = str(error["loc"][0]), cls.model_fields
+    if error["type"] in unknown:
+        close = difflib.get_close_matches(key, fields, n=1)
+        hint = f" (did you mean '{name}.{close[0]}'?)" if close else ""
+        return f"unknown key '{name}.{key}'{hint}; allowed: {', '.join(fields)}"
+    if error["type"] == "missing":
+        return f"missing key '{name}.{key}'"
+    field = fields[key]
+    rule = field.description or "one of " + ", ".join(get_args(field.annotation))
+    return f"{name}.{key} must be {rule}, got {_describe(error['input'])}"
 
 
 def parse_section(name: str, raw: Any, source: str = "params.yaml") -> Any:
-    """Validate one section's mapping into its dataclass."""
+    """Validate one section's mapping into its model."""
     if not isinstance(raw, dict):
         raise ParamsError(
             f"{source}: section '{name}' must be a mapping of keys, got {_describe(raw)}"
         )
-    if name == "gate":
-        return _parse_gate(raw, source)
-    return _parse_fields(SECTIONS[name], name, raw, source)
-
-
-def _parse_gate(raw: dict[str, Any], source: str) -> GateParams:
+    if name != "gate":
+        return _validate(SECTIONS[name], name, raw, source)
     if not raw:
         raise ParamsError(f"{source}: section 'gate' must name at least one metric")
     rules = {}
     for metric, rule in raw.items():
         if not isinstance(rule, dict):
             raise ParamsError(
-                f"{source}: gate.{metric} must be a mapping with better, limit, max_regression, "
-                f"got {_describe(rule)}"
+                f"{source}: gate.{metric} must be a mapping with "
+                f"{', '.join(GateRule.model_fields)}, got {_describe(rule)}"
             )
-        rules[str(metric)] = _parse_fields(GateRule, f"gate.{metric}", rule, source)
-    return GateParams(rules=MappingProxyType(rules))
-
-
-def _parse_fields(cls: type, name: str, raw: dict[str, Any], source: str) -> Any:
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    for key in raw:
-        if key not in fields:
-            close = difflib.get_close_matches(str(key), fields, n=1)
-            hint = f" (did you mean '{name}.{close[0]}'?)" if close else ""
-            raise ParamsError(
-                f"{source}: unknown key '{name}.{key}'{hint}; allowed: {', '.join(fields)}"
-            )
-    values = {}
-    for key, field in fields.items():
-        if key not in raw:
-            raise ParamsError(f"{source}: missing key '{name}.{key}'")
-        values[key] = _coerce(f"{source}: {name}.{key}", raw[key], dict(field.metadata))
-    try:
-        return cls(**values)
-    except ParamsError as err:
-        where = f"{name} " if cls is GateRule else ""
-        raise ParamsError(f"{source}: {where}{err}") from None
+        rules[str(metric)] = _validate(GateRule, f"gate.{metric}", rule, source)
+    return GateParams(rules=rules)
 
 
 def read_yaml(path: Path) -> dict[str, Any]:
@@ -246,11 +217,11 @@ def load_params(path: Path, *names: str) -> tuple[Any, ...]:
     return tuple(sections)
 
 
-def flatten(*sections: Any) -> dict[str, Any]:
+def flatten(*sections: _Section) -> dict[str, Any]:
     """`{"train.units": 64, ...}` for logging: one key per param, named as in params.yaml."""
     flat: dict[str, Any] = {}
     for section in sections:
         name = next(key for key, cls in SECTIONS.items() if isinstance(section, cls))
-        for key, value in dataclasses.asdict(section).items():
+        for key, value in section.model_dump().items():
             flat[f"{name}.{key}"] = value
     return flat
