@@ -18,6 +18,16 @@ class UserError(Exception):
     exit_code = EXIT_USER_ERROR
 
 
+def one_line(err: BaseException | str, last: bool = False, limit: int = 200) -> str:
+    """An error (or a tool's output) as one short line for an `error: ...` message: its first
+    non-empty line (`last`: its last, where a tool prints the cause at the end), cut at `limit`
+    characters; the exception's type when it has no text."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    if not lines:
+        return err if isinstance(err, str) else type(err).__name__
+    return lines[-1 if last else 0][:limit]
+
+
 INTERRUPTS = (signal.SIGINT, signal.SIGTERM)
 
 

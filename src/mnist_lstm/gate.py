@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mnist_lstm import contracts
-from mnist_lstm.errors import UserError, exits_cleanly
+from mnist_lstm.errors import UserError, exits_cleanly, one_line
 from mnist_lstm.params import GateRule, load_params
 
 EXIT_FAILED = 1
@@ -181,7 +181,7 @@ def committed_metrics(root: Path, rev: str, path: Path) -> dict[str, float]:
         ["git", "show", f"{rev}:{relative.as_posix()}"], cwd=root, capture_output=True, text=True
     )
     if result.returncode != 0:
-        why = result.stderr.strip().splitlines()[-1] if result.stderr.strip() else "git failed"
+        why = one_line(result.stderr or "git failed", last=True)
         raise GateError(f"baseline {rev}:{relative.as_posix()}: not committed there ({why})")
     try:
         metrics = json.loads(result.stdout)

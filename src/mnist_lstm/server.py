@@ -30,7 +30,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from mnist_lstm.errors import UserError, exits_cleanly
+from mnist_lstm.errors import UserError, exits_cleanly, one_line
 
 DB_USER = "mlflow"
 DB_NAME = "mlflow"
@@ -69,8 +69,8 @@ def _as_postgres(cmd: list[str]) -> list[str]:
 def _run(cmd: list[str], what: str, **kwargs) -> None:
     result = subprocess.run(cmd, capture_output=True, text=True, **kwargs)
     if result.returncode != 0:
-        detail = (result.stderr or result.stdout).strip().splitlines()
-        raise UserError(f"{what} failed: {detail[-1] if detail else f'exit {result.returncode}'}")
+        detail = one_line(result.stderr or result.stdout or f"exit {result.returncode}", last=True)
+        raise UserError(f"{what} failed: {detail}")
 
 
 def _password(state: Path) -> str:

@@ -19,15 +19,14 @@ from __future__ import annotations
 import argparse
 import sys
 
-from mnist_lstm.errors import UserError, exits_cleanly
+from mnist_lstm.errors import UserError, exits_cleanly, one_line
 
 
 def _reason(err: BaseException) -> str:
     """The innermost cause's first line: what a person can act on."""
     while err.__cause__ is not None or err.__context__ is not None:
         err = err.__cause__ or err.__context__
-    text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-    return text
+    return one_line(err)
 
 
 def share(git_remote: str, dvc_remote: str | None, names: list[str]) -> list[str]:
