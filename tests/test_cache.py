@@ -101,42 +101,54 @@ def test_editing_a_module_reruns_the_stages_that_import_it_and_a_readme_none(pro
         assert stages_run(run(["dvc", "repro"], root, env)) == []
 
 
+PACKAGE = REPO / "src" / "mnist_lstm"
+
+
+def _source(name: str) -> Path | None:
+    """The file of mnist_lstm module `name` ("tracking.store"), None if it names no module."""
+    path = PACKAGE.joinpath(*name.split("."))
+    for candidate in (path.with_suffix(".py"), path / "__init__.py"):
+        if candidate.exists():
+            return candidate
+    return None
+
+
 def _imports(module: Path) -> set[str]:
-    """The mnist_lstm modules `module` imports directly."""
+    """The mnist_lstm modules `module` imports directly, with the packages they sit in (whose
+    `__init__` runs first)."""
     names = set()
     for node in ast.walk(ast.parse(module.read_text())):
-        if (
-            isinstance(node, ast.ImportFrom)
-            and node.module
-            and node.module.startswith("mnist_lstm")
-        ):
-            if node.module == "mnist_lstm":
-                names.update(alias.name for alias in node.names)
-            else:
-                names.add(node.module.split(".", 1)[1])
+        if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("mnist_lstm"):
+            base = node.module[len("mnist_lstm.") :] if node.module != "mnist_lstm" else ""
+            if base:
+                names.add(base)
+            for alias in node.names:
+                name = f"{base}.{alias.name}" if base else alias.name
+                if _source(name):
+                    names.add(name)
         elif isinstance(node, ast.Import):
             names.update(
                 a.name.split(".", 1)[1] for a in node.names if a.name.startswith("mnist_lstm.")
             )
-    return names
+    # `a.b` runs `a` (its __init__) first.
+    return names | {name.rsplit(".", 1)[0] for name in names if "." in name}
 
 
 @pytest.mark.parametrize("stage", ["fetch", "normalize", "train", "evaluate"])
 def test_each_stage_declares_every_module_it_runs(stage):
     """dvc.yaml lists the stage's module and everything it imports, transitively, and no more."""
-    package = REPO / "src" / "mnist_lstm"
     needed, todo = set(), [stage]
     while todo:
         name = todo.pop()
         if name not in needed:
             needed.add(name)
-            todo.extend(_imports(package / f"{name}.py"))
+            todo.extend(_imports(_source(name)))
     needed.add("__init__")  # runs first on every `python -m mnist_lstm.<stage>`
     # A module that compiles a C++ source (csrc/<module>.cc) runs that code too.
-    sources = {f"src/mnist_lstm/{name}.py" for name in needed} | {
+    sources = {_source(name).relative_to(REPO).as_posix() for name in needed} | {
         f"src/mnist_lstm/csrc/{name}.cc"
         for name in needed
-        if (package / "csrc" / f"{name}.cc").exists()
+        if (PACKAGE / "csrc" / f"{name}.cc").exists()
     }
     deps = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"][stage]["deps"]
     assert {d for d in deps if d.startswith("src/mnist_lstm/")} == sources

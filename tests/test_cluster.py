@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from mnist_lstm.devices import Cluster, cluster_from
+from mnist_lstm.distributed import Cluster, cluster_from
 from mnist_lstm.errors import UserError
 
 HOSTS = ["10.0.0.2:2222", "10.0.0.3:2222", "10.0.0.4:2222"]

@@ -1,11 +1,9 @@
 from __future__ import annotations
 
-import dataclasses
-
 import numpy as np
 import pytest
 
-from mnist_lstm.model import build_model
+from mnist_lstm.model import build_model, compile_model
 from mnist_lstm.params import TrainParams
 
 TUTORIAL = TrainParams(
@@ -28,7 +26,7 @@ TUTORIAL = TrainParams(
 
 
 def test_tutorial_model_has_the_tutorials_layers_and_lstm_size():
-    model = build_model(TUTORIAL)
+    model = compile_model(build_model(TUTORIAL), TUTORIAL)
     assert [layer.__class__.__name__ for layer in model.layers] == [
         "LSTM",
         "BatchNormalization",
@@ -42,7 +40,8 @@ def test_tutorial_model_has_the_tutorials_layers_and_lstm_size():
 
 
 def test_params_choose_the_architecture_and_optimizer():
-    model = build_model(dataclasses.replace(TUTORIAL, units=8, batch_norm=False, optimizer="adam"))
+    params = TUTORIAL.model_copy(update=dict(units=8, batch_norm=False, optimizer="adam"))
+    model = compile_model(build_model(params), params)
     assert [layer.__class__.__name__ for layer in model.layers] == ["LSTM", "Dense"]
     assert model.get_layer("lstm").count_params() == 4 * (8 * (28 + 8) + 8)
     assert model.optimizer.__class__.__name__ == "Adam"
@@ -55,8 +54,8 @@ def test_defaults_of_the_new_params_leave_the_tutorial_model_untouched():
 
 
 def test_bidirectional_stacked_dropout_and_augmented_model():
-    params = dataclasses.replace(
-        TUTORIAL, units=8, bidirectional=True, layers=2, dropout=0.2, augment_shift=2
+    params = TUTORIAL.model_copy(
+        update=dict(units=8, bidirectional=True, layers=2, dropout=0.2, augment_shift=2)
     )
     model = build_model(params)
     names = [layer.__class__.__name__ for layer in model.layers]
@@ -80,10 +79,10 @@ def test_bidirectional_stacked_dropout_and_augmented_model():
 
 
 def test_cosine_schedule_decays_to_zero_over_all_steps():
-    params = dataclasses.replace(
-        TUTORIAL, optimizer="adam", learning_rate=0.002, schedule="cosine", epochs=4
+    params = TUTORIAL.model_copy(
+        update=dict(optimizer="adam", learning_rate=0.002, schedule="cosine", epochs=4)
     )
-    model = build_model(params, n_train=640)  # 10 steps per epoch at batch 64
+    model = compile_model(build_model(params), params, n_train=640)  # 10 steps/epoch at 64
     schedule = (
         model.optimizer.learning_rate
         if callable(model.optimizer.learning_rate)

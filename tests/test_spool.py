@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from mnist_lstm import spool
+from mnist_lstm.tracking import spool
 
 
 def test_ops_come_back_in_order_with_their_files_and_a_torn_last_line_is_ignored(tmp_path):

@@ -154,3 +154,48 @@ def test_train_refuses_a_processed_file_tampered_with_between_stages(
     assert status == 1
     assert f"error: {data}: array 'x_train' must hold pixels in [0, 1]" in capsys.readouterr().err
     assert not (tmp_path / "m.keras").exists()
+
+
+# What a real one-host train leaves loaded: run in a fresh process, as the stage runs.
+ONE_HOST_TRAIN = """
+import sys
+from keras.src.backend.tensorflow import trainer
+from mnist_lstm.train import main
+keras_reduce = trainer.reduce_per_replica
+status = main(sys.argv[1:])
+print("STATUS", status)
+print("MODULES", " ".join(sorted(m for m in sys.modules if m.startswith("mnist_lstm"))))
+print("PATCHED", trainer.reduce_per_replica is not keras_reduce)
+"""
+
+
+def test_one_host_training_never_loads_or_patches_the_multi_host_code(
+    tiny_raw, tmp_path, write_params
+):
+    """distributed.py reaches into Keras' private trainer; a one-host run must not even import it,
+    so a Keras release that moves those internals cannot break the tutorial's path."""
+    import os
+    import subprocess
+    import sys
+
+    data = tmp_path / "processed.npz"
+    contracts.write_npz(data, split(tiny_raw, 10))
+    params = write_params({"train.epochs": 1, "train.units": 8, "train.batch_size": 32})
+    env = {k: v for k, v in os.environ.items() if k not in ("TF_CONFIG", "MLFLOW_TRACKING_URI")}
+    env["MLFLOW_TRACKING_URI"] = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    result = subprocess.run(
+        [sys.executable, "-c", ONE_HOST_TRAIN, "--params", str(params), "--data", str(data)]
+        + ["--model", str(tmp_path / "m.keras"), "--history", str(tmp_path / "h.csv")],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=300,
+    )
+    lines = dict(line.split(" ", 1) for line in result.stdout.splitlines() if " " in line)
+    assert lines.get("STATUS") == "0", result.stderr[-3000:]
+    modules = lines["MODULES"].split()
+    assert "mnist_lstm.devices" in modules and "mnist_lstm.train" in modules
+    assert "mnist_lstm.distributed" not in modules
+    assert lines["PATCHED"] == "False"
+    assert (tmp_path / "m.keras").exists()

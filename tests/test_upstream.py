@@ -16,7 +16,7 @@ import pytest
 
 from mnist_lstm import onednn_lstm
 from mnist_lstm.keras_archive import save_model
-from mnist_lstm.model import build_model
+from mnist_lstm.model import build_model, compile_model
 from test_model import TUTORIAL
 
 
@@ -28,7 +28,7 @@ def tiny_model() -> keras.Model:
     strict=True,
     raises=FileNotFoundError,
     reason="mlflow 3.17's keras flavor writes the input example before it creates the model "
-    "folder (tracking._KerasFlavor creates it first); when this passes, drop _KerasFlavor",
+    "folder (tracking.models._KerasFlavor creates it first); when this passes, drop _KerasFlavor",
 )
 def test_mlflow_keras_save_model_with_an_input_example_still_fails_on_its_own(tmp_path):
     import mlflow
@@ -61,7 +61,8 @@ def test_fit_runs_the_fused_op_through_keras_inner_loop_hook(fused_op, monkeypat
 
     def train(kernel: str) -> list[np.ndarray]:
         keras.utils.set_random_seed(0)
-        model = build_model(TUTORIAL, n_train=64, kernel=kernel)
+        model = build_model(TUTORIAL, kernel=kernel)
+        compile_model(model, TUTORIAL, n_train=64)
         model.fit(x, y, batch_size=32, epochs=1, shuffle=False, verbose=0)
         return model.get_weights()
 
@@ -118,13 +119,13 @@ def test_keras_multi_step_loop_still_fails_under_mirrored_strategy(tmp_path):
 
 # Two processes on loopback training a tiny model with MultiWorkerMirroredStrategy through
 # Keras' fit; MODE: "keras" (fit as it is), "built" (only the model built up front, one of the two
-# mends), "mended" (keras_multiworker.prepare, what train does).
+# mends), "mended" (distributed.prepare, what train does).
 MULTIWORKER_FIT = """
 import os, sys
 import numpy as np
 import tensorflow as tf
 import keras
-from mnist_lstm import keras_multiworker
+from mnist_lstm import distributed
 mode = sys.argv[1]
 strategy = tf.distribute.MultiWorkerMirroredStrategy()
 with strategy.scope():
@@ -138,7 +139,7 @@ if mode == "built":
                                           keras.KerasTensor((8,), "uint8")))
     model._maybe_symbolic_build = lambda iterator=None, data_batch=None: None
 elif mode == "mended":
-    keras_multiworker.prepare(model, strategy, 8)
+    distributed.prepare(model, strategy, 8)
 x, y = np.zeros((64, 28, 28), np.float32), np.zeros(64, np.uint8)
 model.fit(tf.data.Dataset.from_tensor_slices((x, y)).batch(16), epochs=1, verbose=0)
 print("fit across 2 workers works")
@@ -178,8 +179,8 @@ def multiworker_fit(mode: str) -> list[subprocess.CompletedProcess]:
     ],
 )  # fmt: skip
 def test_keras_fit_still_fails_across_workers_without_both_mends(mode, keras_says):
-    """keras_multiworker.py mends two Keras 3.15 failures of fit under MultiWorkerMirroredStrategy.
-    When a mode here trains, Keras fixed that one: drop its mend from keras_multiworker.prepare."""
+    """distributed.py mends two Keras 3.15 failures of fit under MultiWorkerMirroredStrategy.
+    When a mode here trains, Keras fixed that one: drop its mend from distributed.prepare."""
     for result in multiworker_fit(mode):
         assert result.returncode != 0, f"Keras now trains in mode {mode!r}: drop that mend"
         assert keras_says in result.stderr, result.stderr[-3000:]
@@ -193,7 +194,7 @@ def test_the_mended_fit_trains_across_two_workers():
 
 
 def test_tensorflow_still_leaves_its_all_reduce_pool_open_when_a_reduce_fails():
-    """train.cluster_failures terminates thread pools TensorFlow's eager all-reduce leaves open
+    """distributed.cluster_failures terminates thread pools TensorFlow's eager all-reduce leaves open
     when a host is lost (their finalizers fail at exit). When TensorFlow closes the pool however
     the reduce ends (a `with` block or `finally`), drop that loop."""
     import inspect

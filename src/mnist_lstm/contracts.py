@@ -13,6 +13,7 @@ half-written output, and every reader uses `allow_pickle=False`.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import hashlib
 import json
@@ -26,6 +27,20 @@ from typing import Any
 import numpy as np
 
 from mnist_lstm.errors import UserError
+
+
+def stage_arguments(
+    doc: str, argv: list[str] | None, *paths: str, params: bool = True
+) -> argparse.Namespace:
+    """A stage's command line: the paths dvc.yaml passes it (`--out` -> `args.out`, all required)
+    and, for a stage that reads params, `--params` (default params.yaml)."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    if params:
+        parser.add_argument("--params", type=Path, default=Path("params.yaml"))
+    for name in paths:
+        parser.add_argument(f"--{name}", type=Path, required=True)
+    return parser.parse_args(argv)
+
 
 IMAGE_SHAPE = (28, 28)
 NUM_CLASSES = 10

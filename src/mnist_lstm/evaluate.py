@@ -8,7 +8,6 @@ Logs everything into the MLflow run that trained this exact model file (see trac
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -178,19 +177,22 @@ def load_history(path: Path) -> pd.DataFrame:
 
 @exits_cleanly
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", type=Path, required=True)
-    parser.add_argument("--model", type=Path, required=True)
-    parser.add_argument("--history", type=Path, required=True)
-    parser.add_argument("--provenance", type=Path, required=True)
-    parser.add_argument("--metrics", type=Path, required=True)
-    parser.add_argument("--per-class", type=Path, required=True)
-    parser.add_argument("--confusion", type=Path, required=True)
-    parser.add_argument("--holdout", type=Path, required=True)
-    parser.add_argument("--val-predictions", type=Path, required=True)
-    parser.add_argument("--confusion-png", type=Path, required=True)
-    parser.add_argument("--curves-png", type=Path, required=True)
-    args = parser.parse_args(argv)
+    args = contracts.stage_arguments(
+        __doc__,
+        argv,
+        "data",
+        "model",
+        "history",
+        "provenance",
+        "metrics",
+        "per-class",
+        "confusion",
+        "holdout",
+        "val-predictions",
+        "confusion-png",
+        "curves-png",
+        params=False,
+    )
 
     data = contracts.load_processed(args.data)
     model = load_model(args.model)

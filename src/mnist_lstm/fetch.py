@@ -14,7 +14,6 @@ Sources (`fetch.source`):
 
 from __future__ import annotations
 
-import argparse
 import gzip
 import hashlib
 import io
@@ -236,12 +235,7 @@ def provenance(fetched: Fetched, requested: str, raw_path: Path) -> dict:
 
 @exits_cleanly
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--params", type=Path, default=Path("params.yaml"))
-    parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--provenance", type=Path, required=True)
-    args = parser.parse_args(argv)
-
+    args = contracts.stage_arguments(__doc__, argv, "out", "provenance")
     (params,) = load_params(args.params, "fetch")
     fetched = fetch_mnist(params)
     contracts.save_raw(args.out, fetched.arrays)

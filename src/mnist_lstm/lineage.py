@@ -22,6 +22,7 @@ import yaml
 
 from mnist_lstm import tracking
 from mnist_lstm.errors import UserError, exits_cleanly
+from mnist_lstm.tracking import outage, registry
 
 # The DVC outputs whose hashes tie a run to dvc.lock, by lineage tag.
 LOCKED_OUTPUTS = {
@@ -172,10 +173,10 @@ def main(argv: list[str] | None = None) -> int:
 
     root = tracking.project_root()
     # Runs an outage (or offline mode) left in the spool are not in the store yet: say so first.
-    for line in tracking.waiting():
+    for line in outage.waiting():
         print(f"not synced {line}")
     workspace_hashes = locked_hashes(_read_lock(root))
-    run_id = tracking.resolve_run(args.ref) if args.ref else workspace_run_id(root)
+    run_id = registry.resolve_run(args.ref) if args.ref else workspace_run_id(root)
     committed = _git(root, "show", "HEAD:params.yaml")
     defaults_doc = (
         yaml.safe_load(committed)
@@ -183,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
         else yaml.safe_load((root / "params.yaml").read_text())
     )
     lines = report(
-        tracking.describe_run(run_id),
+        registry.describe_run(run_id),
         flat_params(defaults_doc),
         workspace_hashes,
         _dvc_status_clean(root),

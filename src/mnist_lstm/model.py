@@ -34,17 +34,9 @@ def learning_rate(
     return params.learning_rate
 
 
-def build_model(
-    params: TrainParams,
-    n_train: int = 60_000,
-    replicas: int = 1,
-    unroll: bool = True,
-    kernel: str = "keras",
-) -> keras.Model:
-    """The row-reading LSTM classifier, compiled as the tutorial compiles it.
+def build_model(params: TrainParams, unroll: bool = True, kernel: str = "keras") -> keras.Model:
+    """The row-reading LSTM classifier (build it inside the strategy's scope).
 
-    `replicas` devices each take `batch_size` images per step (the global batch), so an epoch has
-    ceil(n_train / (batch_size * replicas)) steps; build it inside the strategy's scope.
     `unroll=False` leaves the LSTM to Keras' cuDNN kernel on a GPU (unrolling rules it out).
     `kernel` is the one `onednn_lstm.choose_kernel` chose for `params.lstm_kernel`: "keras" (every
     platform) or "onednn" (the fused op, where it is built).
@@ -84,6 +76,18 @@ def build_model(
         # The same layers and weights, trained through one fused oneDNN kernel per layer and
         # direction instead of ~40 TensorFlow ops per timestep; the saved model stays plain Keras.
         onednn_lstm.use_onednn(model)
+    return model
+
+
+def compile_model(
+    model: keras.Model, params: TrainParams, n_train: int = 60_000, replicas: int = 1
+) -> keras.Model:
+    """Compiled as the tutorial compiles it: the optimizer, cross-entropy on logits, accuracy.
+
+    `replicas` devices each take `batch_size` images per step (the global batch), so an epoch has
+    ceil(n_train / (batch_size * replicas)) steps, which a schedule decays over. Compile inside
+    the strategy's scope (the optimizer's variables live there).
+    """
     steps_per_epoch = math.ceil(n_train / (params.batch_size * replicas))
     model.compile(
         optimizer=_OPTIMIZERS[params.optimizer](

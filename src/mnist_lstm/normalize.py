@@ -10,9 +10,7 @@ As in the tutorial: train is every training image; validation is the test set wi
 
 from __future__ import annotations
 
-import argparse
 import sys
-from pathlib import Path
 
 import numpy as np
 
@@ -50,12 +48,7 @@ def split(raw: dict[str, np.ndarray], holdout_size: int) -> dict[str, np.ndarray
 
 @exits_cleanly
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--params", type=Path, default=Path("params.yaml"))
-    parser.add_argument("--raw", type=Path, required=True)
-    parser.add_argument("--out", type=Path, required=True)
-    args = parser.parse_args(argv)
-
+    args = contracts.stage_arguments(__doc__, argv, "raw", "out")
     (params,) = load_params(args.params, "normalize")
     processed = split(contracts.load_raw(args.raw), params.holdout_size)
     contracts.save_processed(args.out, processed)

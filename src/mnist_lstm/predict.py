@@ -85,9 +85,9 @@ def load_model(ref: str):
         if not Path(ref).is_file():
             raise UserError(f"{ref}: no such model file")
         return keras.models.load_model(ref)
-    from mnist_lstm import tracking
+    from mnist_lstm.tracking import models
 
-    return tracking.load_model(ref)
+    return models.load_model(ref)
 
 
 @exits_cleanly

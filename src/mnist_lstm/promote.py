@@ -18,6 +18,7 @@ from mnist_lstm import gate, tracking
 from mnist_lstm.errors import exits_cleanly
 from mnist_lstm.lineage import workspace_run_id
 from mnist_lstm.params import load_params
+from mnist_lstm.tracking import registry
 
 
 @exits_cleanly
@@ -31,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     (rules,) = load_params(args.params, "gate")
     current = gate.read_metrics(args.metrics)
     run_id = workspace_run_id(tracking.project_root())
-    logged = tracking.logged_metrics(run_id)
+    logged = registry.logged_metrics(run_id)
     stale = [
         k
         for k in rules.rules
@@ -43,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
             "run `dvc repro`"
         )
 
-    previous = tracking.champion()
+    previous = registry.champion()
     label = f"champion v{previous['version']}" if previous else "no champion yet"
     checks = gate.check_metrics(
         current, previous["metrics"] if previous else None, rules.rules, str(args.metrics), label
@@ -53,14 +54,14 @@ def main(argv: list[str] | None = None) -> int:
     print("\n".join(lines))
     if not gate.passed(checks):
         print(
-            f"promote: nothing registered; {tracking.CHAMPION} stays at "
+            f"promote: nothing registered; {registry.CHAMPION} stays at "
             f"{'version ' + previous['version'] if previous else 'no version'}"
         )
         return gate.EXIT_FAILED
-    version = tracking.promote(run_id, previous["version"] if previous else None)
+    version = registry.promote(run_id, previous["version"] if previous else None)
     print(
-        f"promote: {tracking.REGISTERED_MODEL} version {version} (run {run_id}) is now "
-        f"@{tracking.CHAMPION}" + (f", was version {previous['version']}" if previous else "")
+        f"promote: {registry.REGISTERED_MODEL} version {version} (run {run_id}) is now "
+        f"@{registry.CHAMPION}" + (f", was version {previous['version']}" if previous else "")
     )
     return 0
 

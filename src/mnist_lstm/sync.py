@@ -11,8 +11,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from mnist_lstm import tracking
 from mnist_lstm.errors import EXIT_INTERRUPTED, EXIT_USER_ERROR, exits_cleanly
+from mnist_lstm.tracking import outage
 
 
 @exits_cleanly
@@ -22,7 +22,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     if args.status:
-        lines = tracking.waiting()
+        lines = outage.waiting()
         print("\n".join(f"sync: {line}" for line in lines) or "sync: nothing waits")
         return 0
     said = []
@@ -32,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"sync: {line}", flush=True)
 
     try:
-        complete = tracking.sync(say=say)
+        complete = outage.sync(say=say)
     except KeyboardInterrupt as err:
         print(
             f"error: sync interrupted ({err or 'SIGINT'}) between two writes; what was sent "

@@ -12,26 +12,23 @@ uses to find it again.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import gc
-import multiprocessing.pool
-import os
 import sys
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from mnist_lstm import contracts, keras_multiworker, tracking
-from mnist_lstm.devices import Cluster, cluster_from, split_cpu, strategy_for
-from mnist_lstm.errors import UserError, exits_cleanly, interrupts_held
+from mnist_lstm import contracts, devices, tracking
+from mnist_lstm.devices import Placement
+from mnist_lstm.errors import exits_cleanly, interrupts_held
 from mnist_lstm.input_pipeline import VALIDATION_BATCH_SIZE, training_batches, validation_batches
 from mnist_lstm.keras_archive import save_model
-from mnist_lstm.model import build_model
-from mnist_lstm.onednn_lstm import choose_kernel
+from mnist_lstm.model import build_model, compile_model
 from mnist_lstm.params import ParamsError, TrainParams, flatten, load_params
 from mnist_lstm.runtime import keras, limit_malloc_arenas, tf
 
@@ -111,37 +108,7 @@ class _StopOnInterrupt(keras.callbacks.Callback):
     def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
         self._check()
 
-    on_test_batch_end = on_epoch_begin = on_epoch_end = on_train_batch_end
-
-
-def fit(
-    model: keras.Model,
-    data: dict[str, np.ndarray],
-    params: TrainParams,
-    callbacks: list[keras.callbacks.Callback],
-    verbose: int | str = "auto",
-    replicas: int = 1,
-) -> pd.DataFrame:
-    """Train as the tutorial does; the per-epoch history as a table. With several replicas each
-    step takes `batch_size` images per replica, the dataset yields the global batch."""
-    (x_train, y_train), (x_val, y_val) = training_splits(data, params.tuning_split)
-    # Ctrl-C and SIGTERM stop training between steps, never inside TensorFlow's Python code.
-    with interrupts_held() as check:
-        history = model.fit(
-            training_batches(x_train, y_train, params.batch_size * replicas, params.seed),
-            # Validation only predicts: big batches make it cheap, and the batch size does not
-            # change what it measures.
-            validation_data=validation_batches(x_val, y_val, VALIDATION_BATCH_SIZE),
-            # The dataset shuffles itself, seeded; Keras would only warn that it ignores
-            # shuffle=True.
-            shuffle=False,
-            epochs=params.epochs,
-            callbacks=[*callbacks, _StopOnInterrupt(check)],
-            verbose=verbose,
-        )
-    table = pd.DataFrame(history.history)
-    table.insert(0, "epoch", np.arange(1, len(table) + 1))
-    return table[list(HISTORY_COLUMNS)]
+    on_test_batch_end = on_epoch_begin = on_epoch_end = on_train_end = on_train_batch_end
 
 
 def tune_process() -> None:
@@ -153,76 +120,97 @@ def tune_process() -> None:
     gc.freeze()
 
 
-def build(
-    params: TrainParams, data: dict[str, np.ndarray], cluster: Cluster | None = None
-) -> tuple[keras.Model, dict[str, str]]:
-    """The model on its devices and hosts (devices.py) with its LSTM kernel; tags that say
-    which."""
-    split_cpu(os.environ)
-    (x_fit, _), _ = training_splits(data, params.tuning_split)  # refuses a bad split up front
-    # Before any other TensorFlow work: a multi-host strategy starts this host's server.
-    strategy = strategy_for(params, cluster)
-    set_seed(params.seed)
-    replicas = strategy.num_replicas_in_sync
-    # The fused oneDNN op where it is built and usable, else Keras' own LSTM (cuDNN on a GPU).
-    kernel, why = choose_kernel(params.lstm_kernel)
-    print(f"train: LSTM kernel {kernel} ({why})", flush=True)
-    # On a GPU the LSTM runs Keras' cuDNN kernel, which an unrolled graph would rule out.
-    on_gpu = bool(tf.config.list_logical_devices("GPU"))
-    with strategy.scope():
-        model = build_model(
-            params, n_train=len(x_fit), replicas=replicas, unroll=not on_gpu, kernel=kernel
+class _Clock(keras.callbacks.Callback):
+    """How long `fit` trained (training and validation, without opening the run)."""
+
+    def on_train_begin(self, logs: dict | None = None) -> None:
+        self.started = self.stopped = time.perf_counter()
+
+    def on_train_end(self, logs: dict | None = None) -> None:
+        self.stopped = time.perf_counter()
+
+    @property
+    def seconds(self) -> float:
+        return self.stopped - self.started
+
+
+@dataclass
+class Session:
+    """What surrounds `fit`: the callbacks it takes, the run they log to (None on a host other
+    than the chief, which writes nothing) and where training ran."""
+
+    callbacks: list[keras.callbacks.Callback]
+    run: tracking.RunWriter | None
+    place: Placement
+    processed_md5: str
+    clock: _Clock
+
+    def log_model(
+        self, model: keras.Model, path: Path, md5: str, example: np.ndarray, epochs: int
+    ) -> None:
+        """The model, the training time and the hashes that tie the run to dvc.lock."""
+        if self.place.cluster is not None:
+            # Across hosts the trained model lives in the cluster's strategy, where every predict
+            # (MLflow infers the signature with one) is a step the other hosts have left: log
+            # the saved file's model instead.
+            model = keras.models.load_model(path, safe_mode=True)
+        lineage = {tracking.TAG_PROCESSED_MD5: self.processed_md5, tracking.TAG_MODEL_MD5: md5}
+        tracking.log_training(self.run, model, path, example, lineage, self.clock.seconds, epochs)
+
+    def leave(self, epochs: int) -> int:
+        """A host other than the chief: its part of every step is done; the chief writes."""
+        cluster = self.place.cluster
+        print(
+            f"train: {cluster.describe()}, {epochs} epochs done; the chief "
+            f"({cluster.describe(0)}) writes the model and logs the run"
         )
-    # Keras' fit across hosts needs two mends (keras_multiworker.py); nothing changes elsewhere.
-    keras_multiworker.prepare(model, strategy, params.batch_size)
-    model.summary()
-    facts = {
-        "train.cluster_size": str(cluster.size if cluster else 1),
-        "train.replicas": str(replicas),
-        "train.global_batch_size": str(params.batch_size * replicas),
-        tracking.TAG_LSTM_KERNEL: kernel,
-    }
-    return model, facts
+        return 0
+
+    def report(self, history: pd.DataFrame, path: Path) -> str:
+        seconds, epochs, cluster = self.clock.seconds, len(history), self.place.cluster
+        return (
+            f"train: {epochs} epochs on {self.place.replicas} device(s)"
+            f"{f' across {cluster.size} hosts' if cluster else ''} in {seconds:.1f}s "
+            f"({seconds / epochs:.2f}s/epoch), "
+            f"val_accuracy {history['val_accuracy'].iloc[-1]:.4f}; model -> {path}; "
+            f"MLflow run {self.run.run_id}"
+        )
 
 
 @contextlib.contextmanager
-def cluster_failures(cluster: Cluster | None) -> Iterator[None]:
-    """A host of the cluster lost mid-training (killed, its link down): TensorFlow's collective
-    or coordination error becomes one line. Its training steps cannot go on without it."""
-    lost = None
-    try:
-        yield
-    except tf.errors.OpError as err:
-        if cluster is None or cluster.size < 2:
-            raise
-        lost = cluster.failure(err.message)
-    if lost:
-        # TensorFlow's eager all-reduce (reading the metrics at an epoch's end) closes its thread
-        # pool only when the reduce succeeds; left open, the pool's finalizer fails at exit with
-        # a traceback. tests/test_upstream.py fails when TensorFlow closes it itself.
-        for pool in gc.get_objects():
-            if isinstance(pool, multiprocessing.pool.Pool) and pool._state == "RUN":
-                pool.terminate()
-        raise UserError(lost)
+def training_session(
+    params: TrainParams, data_path: Path, data: dict[str, np.ndarray], place: Placement
+) -> Iterator[Session]:
+    """One context for what surrounds `fit`. On the chief (every one-host run) the MLflow run opens
+    first, so a store that is down fails before epoch 1, and ends FINISHED, FAILED or KILLED.
+    Across hosts a lost host ends it in one line. SIGINT/SIGTERM are held to between steps
+    (errors.interrupts_held): raised inside TensorFlow's own Python code they can corrupt its
+    state."""
+    with contextlib.ExitStack() as stack:
+        run, md5, clock = None, "", _Clock()
+        callbacks: list[keras.callbacks.Callback] = [clock]
+        if place.is_chief:
+            tags = {
+                "train.cluster_size": place.cluster.size if place.cluster else 1,
+                "train.replicas": place.replicas,
+                "train.global_batch_size": params.batch_size * place.replicas,
+                tracking.TAG_LSTM_KERNEL: place.kernel,
+            }
+            logged = {**flatten(params), **upstream_params(data)}
+            md5 = contracts.md5_file(data_path)
+            run = stack.enter_context(tracking.training_run(run_name(params), logged, tags))
+            run.log_datasets(training_datasets(data_path, md5, data, params.tuning_split))
+            callbacks.append(tracking.EpochMetrics(run))
+        stack.enter_context(place.failures())
+        callbacks.append(_StopOnInterrupt(stack.enter_context(interrupts_held())))
+        yield Session(callbacks, run, place, md5, clock)
 
 
-def train_as_worker(
-    model: keras.Model,
-    data: dict[str, np.ndarray],
-    params: TrainParams,
-    replicas: int,
-    cluster: Cluster,
-) -> int:
-    """A non-chief host: takes its part in every step, then leaves the model, the history and
-    the run to the chief."""
-    verbose = "auto" if sys.stdout.isatty() else 2
-    with cluster_failures(cluster):
-        history = fit(model, data, params, [], verbose=verbose, replicas=replicas)
-    print(
-        f"train: {cluster.describe()}, {len(history)} epochs done; the chief "
-        f"({cluster.describe(0)}) writes the model and logs the run"
-    )
-    return 0
+def history_table(history: keras.callbacks.History) -> pd.DataFrame:
+    """The per-epoch history as the table models/history.csv holds."""
+    table = pd.DataFrame(history.history)
+    table.insert(0, "epoch", np.arange(1, len(table) + 1))
+    return table[list(HISTORY_COLUMNS)]
 
 
 def save_history(path: Path, history: pd.DataFrame) -> None:
@@ -232,67 +220,44 @@ def save_history(path: Path, history: pd.DataFrame) -> None:
 
 @exits_cleanly
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--params", type=Path, default=Path("params.yaml"))
-    parser.add_argument("--data", type=Path, required=True)
-    parser.add_argument("--model", type=Path, required=True)
-    parser.add_argument("--history", type=Path, required=True)
-    args = parser.parse_args(argv)
-
+    args = contracts.stage_arguments(__doc__, argv, "data", "model", "history")
     (params,) = load_params(args.params, "train")
     tune_process()
     # 1. Load MNIST, scaled to [0, 1] by `normalize` (held as uint8 levels: ~160 MiB less memory).
     data = contracts.load_processed(args.data, levels=True)
-    # 2. Build the tutorial's model: LSTM(64) -> BatchNormalization -> Dense(10) logits, SGD.
-    cluster = cluster_from(os.environ)
-    model, facts = build(params, data, cluster)
-    replicas = int(facts["train.replicas"])
-    if cluster is not None and not cluster.is_chief:
-        return train_as_worker(model, data, params, replicas, cluster)
-    # 3. Fit, logging every epoch. The run opens first: a store that is down fails before epoch 1.
-    processed_md5 = contracts.md5_file(args.data)
-    with tracking.training_run(
-        run_name(params), {**flatten(params), **upstream_params(data)}, facts
-    ) as run:
-        run.log_datasets(training_datasets(args.data, processed_md5, data, params.tuning_split))
-        started = time.perf_counter()
-        # One line per epoch when DVC captures the output; the live bar on a terminal.
-        verbose = "auto" if sys.stdout.isatty() else 2
-        with cluster_failures(cluster):
-            history = fit(
-                model,
-                data,
-                params,
-                [tracking.EpochMetrics(run)],
-                verbose=verbose,
-                replicas=replicas,
-            )
-        seconds = time.perf_counter() - started
-        # 4. Save the model file DVC tracks (identical training, identical bytes) and the history.
-        model_md5 = save_model(args.model, model)
-        save_history(args.history, history)
-        # 5. Log the model, and the hashes that tie the run to dvc.lock.
-        # Across hosts the trained model lives in the cluster's strategy, where every predict
-        # (MLflow infers the signature with one) is a step the other hosts have left: log the
-        # saved file instead.
-        if cluster is not None:
-            model = keras.models.load_model(args.model, safe_mode=True)
-        tracking.log_training(
-            run,
-            model,
-            args.model,
-            contracts.as_pixels(data["x_val"][:2]),
-            lineage={tracking.TAG_PROCESSED_MD5: processed_md5, tracking.TAG_MODEL_MD5: model_md5},
-            train_seconds=seconds,
-            epochs=len(history),
+    (x_train, y_train), (x_val, y_val) = training_splits(data, params.tuning_split)
+    # Devices, hosts (TF_CONFIG) and the LSTM kernel come before any other TensorFlow work.
+    place = devices.place(params)
+    set_seed(params.seed)
+    # 2. Build the tutorial's model: LSTM(64) -> BatchNormalization -> Dense(10) logits.
+    with place.strategy.scope():
+        model = build_model(params, unroll=place.unroll, kernel=place.kernel)
+        # 3. Compile it as the tutorial does: SGD, cross-entropy on the logits, accuracy.
+        compile_model(model, params, n_train=len(x_train), replicas=place.replicas)
+    place.prepare(model, params.batch_size)  # Keras' fit across hosts; nothing on one host
+    model.summary()
+    # 4. Fit, logging every epoch. The run opens first: a store that is down fails before epoch 1.
+    with training_session(params, args.data, data, place) as session:
+        history = model.fit(
+            training_batches(x_train, y_train, params.batch_size * place.replicas, params.seed),
+            # Validation only predicts: big batches make it cheap and measure the same.
+            validation_data=validation_batches(x_val, y_val, VALIDATION_BATCH_SIZE),
+            shuffle=False,  # the dataset shuffles itself, seeded
+            epochs=params.epochs,
+            callbacks=session.callbacks,
+            # One line per epoch when DVC captures the output; the live bar on a terminal.
+            verbose="auto" if sys.stdout.isatty() else 2,
         )
-    print(
-        f"train: {len(history)} epochs on {replicas} device(s)"
-        f"{f' across {cluster.size} hosts' if cluster else ''} in {seconds:.1f}s "
-        f"({seconds / len(history):.2f}s/epoch), "
-        f"val_accuracy {history['val_accuracy'].iloc[-1]:.4f}; model -> {args.model}; "
-        f"MLflow run {run.run_id}"
-    )
+        if session.run is None:  # another host of the cluster: the chief saves and logs
+            return session.leave(len(history.epoch))
+        # 5. Save the model file DVC tracks (identical training, identical bytes) and the history.
+        model_md5 = save_model(args.model, model)
+        table = history_table(history)
+        save_history(args.history, table)
+        # 6. Log the model, and the hashes that tie the run to dvc.lock.
+        example = contracts.as_pixels(data["x_val"][:2])
+        session.log_model(model, args.model, model_md5, example, epochs=len(table))
+    print(session.report(table, args.model))
     return 0
 
 

@@ -303,6 +303,13 @@ class Plans {
   std::unordered_map<Shapes, Plan, ShapesHash> plans_;
 };
 
+// The sizes the inputs give: x is [batch n, timesteps t, channels c], the recurrent kernel
+// [units h, 4h].
+Shapes input_shapes(OpKernelContext* ctx) {
+  const Tensor& x = ctx->input(0);
+  return {x.dim_size(0), x.dim_size(1), x.dim_size(2), ctx->input(4).dim_size(0)};
+}
+
 // Runs one task per shard on the shard threads; a oneDNN error fails the op.
 void run_shards(OpKernelContext* ctx, int threads,
                 const std::vector<std::function<void()>>& tasks) {
@@ -314,6 +321,29 @@ void run_shards(OpKernelContext* ctx, int threads,
   }
 }
 
+// Runs `body(i, shard, shapes, plan, stream, arena, workspace, args)` once per shard on the shard
+// threads; `args` holds the source arguments every LSTM primitive takes, the body adds its own
+// and executes the shard's primitive.
+template <class Plan, class Body>
+void for_each_shard(OpKernelContext* ctx, int threads, const std::vector<Shard>& shards,
+                    const std::vector<const Plan*>& plans, std::vector<Arena>& temps,
+                    Arena& workspaces, int64_t t, int64_t c, int64_t h, const Body& body) {
+  std::vector<std::function<void()>> tasks;
+  for (size_t i = 0; i < shards.size(); ++i) {
+    const Shard shard = shards[i];
+    const Plan& p = *plans[i];
+    dnnl::memory ws = workspaces.take(p.pd.workspace_desc());
+    tasks.push_back([&, i, shard, ws] {
+      const Shapes s{shard.n, t, c, h};
+      dnnl::stream stream(cpu_engine());
+      Arena& arena = temps[i];
+      auto args = source_args(ctx, stream, s, shard, p.pd, arena);
+      body(i, shard, s, p, stream, arena, ws, args);
+    });
+  }
+  run_shards(ctx, threads, tasks);
+}
+
 class OnednnLstmOp : public OpKernel {
  public:
   explicit OnednnLstmOp(OpKernelConstruction* ctx) : OpKernel(ctx) {
@@ -323,9 +353,8 @@ class OnednnLstmOp : public OpKernel {
 
   void Compute(OpKernelContext* ctx) override {
     OP_REQUIRES_OK(ctx, check_inputs(ctx));
-    const Tensor& x = ctx->input(0);
-    const int64_t n = x.dim_size(0), t = x.dim_size(1), c = x.dim_size(2);
-    const int64_t h = ctx->input(4).dim_size(0);
+    const Shapes all = input_shapes(ctx);
+    const int64_t n = all.n, t = all.t, c = all.c, h = all.h;
     const std::vector<Shard> shards = shards_of(n, shards_);
 
     std::vector<const Plan*> plans;
@@ -352,26 +381,18 @@ class OnednnLstmOp : public OpKernel {
     Arena workspaces;
     workspaces.over(*workspace);
 
-    std::vector<std::function<void()>> tasks;
-    for (size_t i = 0; i < shards.size(); ++i) {
-      const Shard shard = shards[i];
-      const Plan& p = *plans[i];
-      dnnl::memory ws = workspaces.take(p.pd.workspace_desc());
-      tasks.push_back([&, i, shard, ws] {
-        const Shapes s{shard.n, t, c, h};
-        dnnl::stream stream(cpu_engine());
-        Arena& arena = temps[i];
-        auto args = source_args(ctx, stream, s, shard, p.pd, arena);
-        args.insert({{DNNL_ARG_DST_LAYER, rows(s.layer_out(), *outputs, shard)},
-                     {DNNL_ARG_DST_ITER, rows(s.state(), *h_out, shard)},
-                     {DNNL_ARG_DST_ITER_C, rows(s.state(), *c_out, shard)},
-                     {DNNL_ARG_SCRATCHPAD, arena.take(p.pd.scratchpad_desc())}});
-        if (training_) args.emplace(DNNL_ARG_WORKSPACE, ws);
-        p.primitive.execute(stream, args);
-        stream.wait();
-      });
-    }
-    run_shards(ctx, shards_, tasks);
+    auto run_forward = [&](size_t, const Shard& shard, const Shapes& s, const Plan& p,
+                           dnnl::stream& stream, Arena& arena, const dnnl::memory& ws,
+                           std::unordered_map<int, dnnl::memory>& args) {
+      args.insert({{DNNL_ARG_DST_LAYER, rows(s.layer_out(), *outputs, shard)},
+                   {DNNL_ARG_DST_ITER, rows(s.state(), *h_out, shard)},
+                   {DNNL_ARG_DST_ITER_C, rows(s.state(), *c_out, shard)},
+                   {DNNL_ARG_SCRATCHPAD, arena.take(p.pd.scratchpad_desc())}});
+      if (training_) args.emplace(DNNL_ARG_WORKSPACE, ws);
+      p.primitive.execute(stream, args);
+      stream.wait();
+    };
+    for_each_shard(ctx, shards_, shards, plans, temps, workspaces, t, c, h, run_forward);
   }
 
  private:
@@ -389,13 +410,12 @@ class OnednnLstmGradOp : public OpKernel {
 
   void Compute(OpKernelContext* ctx) override {
     OP_REQUIRES_OK(ctx, check_inputs(ctx));
-    const Tensor& x = ctx->input(0);
-    const int64_t n = x.dim_size(0), t = x.dim_size(1), c = x.dim_size(2);
-    const int64_t h = ctx->input(4).dim_size(0);
-    const std::vector<Shard> shards = shards_of(n, shards_);
-    const Shapes all{n, t, c, h};
+    const Shapes all = input_shapes(ctx);
+    // Keras' layouts of the weight gradients.
     const dnnl::memory::desc kernel_md = all.weights_layer(tag::ldigo);
     const dnnl::memory::desc recurrent_md = all.weights_iter(tag::ldigo);
+    const int64_t n = all.n, t = all.t, c = all.c, h = all.h;
+    const std::vector<Shard> shards = shards_of(n, shards_);
 
     std::vector<const Plan*> plans;
     std::vector<Arena> temps(shards.size());
@@ -420,46 +440,38 @@ class OnednnLstmGradOp : public OpKernel {
 
     std::vector<dnnl::memory> dkernels(shards.size()), drecurrents(shards.size()),
         dbiases(shards.size());
-    std::vector<std::function<void()>> tasks;
-    for (size_t i = 0; i < shards.size(); ++i) {
-      const Shard shard = shards[i];
-      const Plan& p = *plans[i];
-      dnnl::memory ws = workspaces.take(p.pd.workspace_desc());
-      tasks.push_back([&, i, shard, ws] {
-        const Shapes s{shard.n, t, c, h};
-        dnnl::stream stream(cpu_engine());
-        Arena& arena = temps[i];
-        auto args = source_args(ctx, stream, s, shard, p.pd, arena);
-        dnnl::memory dlayer = arena.take(p.pd.diff_weights_layer_desc());
-        dnnl::memory diter = arena.take(p.pd.diff_weights_iter_desc());
-        dbiases[i] = arena.take(s.bias());
-        // oneDNN adds the weight gradients to what the buffers hold: start them at zero.
-        for (const dnnl::memory& m : {dlayer, diter, dbiases[i]})
-          std::memset(m.get_data_handle(), 0, m.get_desc().get_size());
-        args.insert(
-            {{DNNL_ARG_DST_LAYER, rows(s.layer_out(), ctx->input(6), shard)},
-             {DNNL_ARG_DST_ITER, rows(s.state(), ctx->input(7), shard)},
-             {DNNL_ARG_DST_ITER_C, rows(s.state(), ctx->input(8), shard)},
-             {DNNL_ARG_WORKSPACE, ws},
-             {DNNL_ARG_DIFF_DST_LAYER, rows(s.layer_out(), ctx->input(10), shard)},
-             {DNNL_ARG_DIFF_DST_ITER, rows(s.state(), ctx->input(11), shard)},
-             {DNNL_ARG_DIFF_DST_ITER_C, rows(s.state(), ctx->input(12), shard)},
-             {DNNL_ARG_DIFF_SRC_LAYER, rows(s.layer_in(), *grads[0], shard)},
-             {DNNL_ARG_DIFF_SRC_ITER, rows(s.state(), *grads[1], shard)},
-             {DNNL_ARG_DIFF_SRC_ITER_C, rows(s.state(), *grads[2], shard)},
-             {DNNL_ARG_DIFF_WEIGHTS_LAYER, dlayer},
-             {DNNL_ARG_DIFF_WEIGHTS_ITER, diter},
-             {DNNL_ARG_DIFF_BIAS, dbiases[i]},
-             {DNNL_ARG_SCRATCHPAD, arena.take(p.pd.scratchpad_desc())}});
-        p.primitive.execute(stream, args);
-        dkernels[i] = arena.take(kernel_md);
-        drecurrents[i] = arena.take(recurrent_md);
-        dnnl::reorder(dlayer, dkernels[i]).execute(stream, dlayer, dkernels[i]);
-        dnnl::reorder(diter, drecurrents[i]).execute(stream, diter, drecurrents[i]);
-        stream.wait();
-      });
-    }
-    run_shards(ctx, shards_, tasks);
+    auto run_backward = [&](size_t i, const Shard& shard, const Shapes& s, const Plan& p,
+                            dnnl::stream& stream, Arena& arena, const dnnl::memory& ws,
+                            std::unordered_map<int, dnnl::memory>& args) {
+      dnnl::memory dlayer = arena.take(p.pd.diff_weights_layer_desc());
+      dnnl::memory diter = arena.take(p.pd.diff_weights_iter_desc());
+      dbiases[i] = arena.take(s.bias());
+      // oneDNN adds the weight gradients to what the buffers hold: start them at zero.
+      for (const dnnl::memory& m : {dlayer, diter, dbiases[i]})
+        std::memset(m.get_data_handle(), 0, m.get_desc().get_size());
+      args.insert(
+          {{DNNL_ARG_DST_LAYER, rows(s.layer_out(), ctx->input(6), shard)},
+           {DNNL_ARG_DST_ITER, rows(s.state(), ctx->input(7), shard)},
+           {DNNL_ARG_DST_ITER_C, rows(s.state(), ctx->input(8), shard)},
+           {DNNL_ARG_WORKSPACE, ws},
+           {DNNL_ARG_DIFF_DST_LAYER, rows(s.layer_out(), ctx->input(10), shard)},
+           {DNNL_ARG_DIFF_DST_ITER, rows(s.state(), ctx->input(11), shard)},
+           {DNNL_ARG_DIFF_DST_ITER_C, rows(s.state(), ctx->input(12), shard)},
+           {DNNL_ARG_DIFF_SRC_LAYER, rows(s.layer_in(), *grads[0], shard)},
+           {DNNL_ARG_DIFF_SRC_ITER, rows(s.state(), *grads[1], shard)},
+           {DNNL_ARG_DIFF_SRC_ITER_C, rows(s.state(), *grads[2], shard)},
+           {DNNL_ARG_DIFF_WEIGHTS_LAYER, dlayer},
+           {DNNL_ARG_DIFF_WEIGHTS_ITER, diter},
+           {DNNL_ARG_DIFF_BIAS, dbiases[i]},
+           {DNNL_ARG_SCRATCHPAD, arena.take(p.pd.scratchpad_desc())}});
+      p.primitive.execute(stream, args);
+      dkernels[i] = arena.take(kernel_md);
+      drecurrents[i] = arena.take(recurrent_md);
+      dnnl::reorder(dlayer, dkernels[i]).execute(stream, dlayer, dkernels[i]);
+      dnnl::reorder(diter, drecurrents[i]).execute(stream, diter, drecurrents[i]);
+      stream.wait();
+    };
+    for_each_shard(ctx, shards_, shards, plans, temps, workspaces, t, c, h, run_backward);
     if (!ctx->status().ok()) return;
     // Summed in shard order: the same bits whatever order the shards finished in.
     sum_into(*grads[3], dkernels);

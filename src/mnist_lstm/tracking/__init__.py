@@ -1,0 +1,304 @@
+"""What a pipeline run holds in MLflow, and how the stages hand it over; the only package that
+imports mlflow.
+
+One run covers one pipeline execution: `train` opens it, logs params, per-epoch metrics and the
+model, and tags it with the md5 of the model file it wrote -- the hash dvc.lock records for it.
+`evaluate` hashes the model file it is given and logs into the newest run carrying that tag, so the
+hand-over holds even when DVC restores train's outputs from its cache instead of running it, no run
+id ever lands in a DVC output, and the hash in dvc.lock finds the run(s) that made those bytes.
+
+Beside this module: where runs live (store.py), the model's MLflow format (models.py), writes that
+survive an outage (outage.py over spool.py), the registry and lineage queries (registry.py).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+# store.py first: it sets MLflow's environment before mlflow is imported.
+from mnist_lstm.tracking.store import (
+    EVAL_PREFIX,
+    EXPERIMENT,
+    TAG_LSTM_KERNEL,
+    TAG_MODEL_MD5,
+    TAG_PROCESSED_MD5,
+    TAG_RAW_MD5,
+    TRACKING_MODE_ENV,
+    TrackingError,
+    connect,
+    offline,
+    project_root,
+    tracking_uri,
+)
+
+# isort: split
+import mlflow
+import numpy as np
+import psutil
+from mlflow.models import infer_signature
+from mlflow.tracking.context import registry as context_registry
+
+from mnist_lstm.runtime import keras
+from mnist_lstm.tracking import outage
+from mnist_lstm.tracking.outage import TAG_HOST, TAG_PID, RunWriter
+
+__all__ = [
+    "EVAL_PREFIX",
+    "EXPERIMENT",
+    "TAG_LSTM_KERNEL",
+    "TAG_MODEL_MD5",
+    "TAG_PROCESSED_MD5",
+    "TAG_RAW_MD5",
+    "TRACKING_MODE_ENV",
+    "EpochMetrics",
+    "RunWriter",
+    "TrackingError",
+    "connect",
+    "dataset",
+    "dvc_experiment_tags",
+    "evaluation_run",
+    "find_runs_by_model",
+    "log_evaluation",
+    "log_training",
+    "offline",
+    "project_root",
+    "tracking_uri",
+    "training_run",
+]
+
+
+def git_tags(root: Path) -> dict[str, str]:
+    """The commit the code came from and whether the tree had uncommitted changes."""
+
+    def git(*args: str) -> str:
+        result = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True)
+        return result.stdout.strip() if result.returncode == 0 else ""
+
+    commit = git("rev-parse", "HEAD")
+    return {
+        "mlflow.source.git.commit": commit or "none",
+        "git.commit": commit or "none",
+        "git.dirty": str(bool(git("status", "--porcelain", "--untracked-files=no"))).lower(),
+    }
+
+
+def dvc_experiment_tags() -> dict[str, str]:
+    names = ("DVC_EXP_NAME", "DVC_EXP_BASELINE_REV")
+    return {f"dvc.{name.lower()}": os.environ[name] for name in names if os.environ.get(name)}
+
+
+class EpochMetrics(keras.callbacks.Callback):
+    """Logs Keras' per-epoch logs (loss, accuracy, val_loss, val_accuracy) and the epoch's
+    wall-clock seconds (training + validation, what `make bench` compares) to the run."""
+
+    def __init__(self, run: RunWriter) -> None:
+        super().__init__()
+        self._run = run
+
+    def on_epoch_begin(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
+        self._started = time.perf_counter()
+
+    def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
+        metrics = {key: float(value) for key, value in (logs or {}).items()}
+        metrics["epoch_seconds"] = time.perf_counter() - self._started
+        self._run.log_metrics(metrics, step=epoch)
+
+
+def log_training(
+    run: RunWriter,
+    model: keras.Model,
+    model_file: Path,
+    input_example: np.ndarray,
+    lineage: dict[str, str],
+    train_seconds: float,
+    epochs: int,
+) -> None:
+    """After fitting: timing, the model itself, and the tags that let `evaluate` find this run."""
+    run.log_metrics(
+        {"train_seconds": train_seconds, "seconds_per_epoch": train_seconds / max(epochs, 1)}
+    )
+    run.log_model(model, model_file, input_example)
+    # Tagged last: a run carries the model hash only once everything evaluate relies on is logged.
+    run.set_tags(lineage)
+
+
+def dataset(
+    name: str, path: Path | str, md5: str, x: np.ndarray, y: np.ndarray, context: str
+) -> dict[str, Any]:
+    """A split of a DVC-tracked file as an MLflow dataset: digest = the md5 dvc.lock records for
+    the file, source = its path in the repo; context is training, validation or holdout."""
+    # The model reads float32 pixels, however the stage holds them (train keeps uint8 levels).
+    signature = infer_signature(x[:1].astype(np.float32), y[:1])
+    return {
+        "name": name,
+        "digest": md5,
+        "source_type": "local",
+        "source": json.dumps({"uri": Path(path).as_posix()}),
+        "schema": json.dumps(
+            {
+                "mlflow_tensorspec": {
+                    "features": signature.inputs.to_json(),
+                    "targets": signature.outputs.to_json(),
+                }
+            }
+        ),
+        "profile": json.dumps({"features_shape": list(x.shape), "targets_shape": list(y.shape)}),
+        "context": context,
+    }
+
+
+def fail_orphaned_runs() -> list[str]:
+    """Mark FAILED the RUNNING runs whose process on this host is gone (e.g. after `kill -9`)."""
+    experiment = mlflow.get_experiment_by_name(EXPERIMENT)
+    if experiment is None:
+        return []
+    client = mlflow.MlflowClient()
+    orphaned = []
+    host = socket.gethostname()
+    # A run whose writes wait in the spool ends when they are synced: not an orphan.
+    spooled = outage.spooled_run_ids()
+    for run in client.search_runs(
+        [experiment.experiment_id], filter_string="attributes.status = 'RUNNING'"
+    ):
+        tags = run.data.tags
+        pid = tags.get(TAG_PID, "")
+        if run.info.run_id in spooled:
+            continue
+        if tags.get(TAG_HOST) == host and pid.isdigit() and not psutil.pid_exists(int(pid)):
+            client.set_tag(
+                run.info.run_id, "mnist_lstm.orphaned", f"process {pid} died while running"
+            )
+            client.set_terminated(run.info.run_id, status="FAILED")
+            orphaned.append(run.info.run_id)
+    return orphaned
+
+
+@contextlib.contextmanager
+def _ending(run: RunWriter) -> Iterator[RunWriter]:
+    """The run ends FINISHED, FAILED on an error, or KILLED on SIGINT/SIGTERM."""
+    try:
+        yield run
+    except KeyboardInterrupt:
+        run.end("KILLED")
+        run.close()
+        raise
+    except BaseException:
+        run.end("FAILED")
+        run.close()
+        raise
+    run.end("FINISHED")
+    run.close()
+
+
+def _source_tags(stage: str) -> dict[str, str]:
+    """What MLflow records about who started a run (user, source type), the source being the DVC
+    stage (MLflow would record the absolute script path)."""
+    tags = context_registry.resolve_tags({})
+    tags.update({"mlflow.source.name": f"{stage} (dvc stage)", "mlflow.source.type": "LOCAL"})
+    return tags
+
+
+@contextlib.contextmanager
+def training_run(
+    run_name: str, params: dict[str, Any], facts: dict[str, str] | None = None
+) -> Iterator[RunWriter]:
+    """Open the pipeline's run, log params, the params snapshot and git lineage; yield its writer.
+
+    `facts` are tags about how this run trained (devices, global batch): not params, because
+    params.yaml does not set them and lineage compares the run's params with params.yaml."""
+    if not offline():
+        connect()
+        outage.sync_first()
+        for run_id in fail_orphaned_runs():
+            print(f"tracking: run {run_id} was left RUNNING by a process that died; marked FAILED")
+    tags = {**git_tags(project_root()), **dvc_experiment_tags(), **(facts or {})}
+    params = {key: _portable(value) for key, value in params.items()}
+    # The short commit tells apart runs of the same configuration made from different code.
+    name = f"{run_name}@{tags['git.commit'][:7]}{'+dirty' if tags['git.dirty'] == 'true' else ''}"
+    run = outage.new_run(name, {**_source_tags("train"), **tags})
+    with _ending(run):
+        run.log_params(params)
+        run.log_dict(params, "params.json")
+        yield run
+
+
+def _portable(value: Any) -> Any:
+    """Params are shared with a team: a path under the home directory is logged as `~/...`."""
+    home = os.path.expanduser("~")
+    if isinstance(value, str) and home not in ("", "/") and value.startswith(home + os.sep):
+        return "~" + value[len(home) :]
+    return value
+
+
+def find_runs_by_model(model_md5: str, max_results: int = 1) -> list[str]:
+    """The runs (newest first) whose train stage wrote a model file with this md5."""
+    experiment = mlflow.get_experiment_by_name(EXPERIMENT)
+    if experiment is None:
+        return []
+    runs = mlflow.search_runs(
+        experiment_ids=[experiment.experiment_id],
+        filter_string=f"tags.`{TAG_MODEL_MD5}` = '{model_md5}'",
+        order_by=["attributes.start_time DESC"],
+        max_results=max_results,
+        output_format="list",
+    )
+    return [run.info.run_id for run in runs]
+
+
+@contextlib.contextmanager
+def evaluation_run(model_md5: str, fallback_name: str) -> Iterator[tuple[RunWriter, bool]]:
+    """Reopen the newest run that trained this model file; a new run if none has (a new store).
+
+    A training run still waiting in the spool is reopened there, and so is evaluation logged,
+    even while the store is down: its run is open, if not yet sent. Yields (the run's writer,
+    whether it is the training run).
+    """
+    store_down, down_error = "", None
+    if not offline():
+        try:
+            connect()
+        except TrackingError as err:
+            store_down = err.reason
+            down_error = err
+    pending = outage.claim_spooled_run(model_md5, store_down)
+    if store_down and pending is None:
+        raise down_error
+    tags = {**git_tags(project_root()), **dvc_experiment_tags(), TAG_MODEL_MD5: model_md5}
+    if pending is not None:
+        run, is_training = pending, True
+    elif offline():
+        # Which run trained this model is the store's to say: the sync looks it up.
+        run = outage.new_run(fallback_name, tags, {"find_model_md5": model_md5})
+        is_training = False
+    else:
+        found = find_runs_by_model(model_md5)
+        if found:
+            run, is_training = RunWriter(found[0]), True
+        else:
+            run = outage.new_run(fallback_name, {**_source_tags("evaluate"), **tags})
+            is_training = False
+    run.set_status("RUNNING")
+    with _ending(run):
+        yield run, is_training
+
+
+def log_evaluation(
+    run: RunWriter, metrics: dict[str, float], artifacts: list[Path], tags: dict[str, str]
+) -> None:
+    """Final metrics, report files and data lineage tags into the run.
+
+    Metrics go under `eval/` (`eval/val_accuracy`): plain `val_accuracy` is training's per-epoch
+    series, and a final point appended to it would read as an extra epoch.
+    """
+    run.log_metrics({f"{EVAL_PREFIX}{key}": value for key, value in metrics.items()})
+    run.set_tags(tags)
+    for path in artifacts:
+        run.log_artifact(path, artifact_path="reports")

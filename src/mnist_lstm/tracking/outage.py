@@ -1,0 +1,379 @@
+"""Writes that survive an outage: a stage's writes go to the store while it answers and to the
+spool (spool.py) once it does not; `make sync`, and every stage before it logs, replays the spool.
+
+The interface the rest of tracking uses: `RunWriter` (every write of a run), `new_run`,
+`sync_first`, `claim_spooled_run`, `sync`, `waiting`, `spooled_run_ids`. Every write is an op
+(`apply` performs it), so a run synced after an outage holds what it would have held without one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import numpy as np
+from mlflow.entities import (
+    Dataset,
+    DatasetInput,
+    InputTag,
+    LoggedModelStatus,
+    Metric,
+    Param,
+    RunTag,
+)
+from mlflow.exceptions import MlflowException
+from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
+
+from mnist_lstm.errors import interrupts_held
+from mnist_lstm.runtime import keras
+from mnist_lstm.tracking import spool
+from mnist_lstm.tracking.models import MODEL_NAME, log_model
+from mnist_lstm.tracking.store import (
+    EXPERIMENT,
+    TAG_MODEL_MD5,
+    TrackingError,
+    connect,
+    is_outage,
+    offline,
+    project_root,
+    reason,
+    run_url,
+    tracking_uri,
+)
+
+# Which live process owns a RUNNING run: lets the next pipeline spot runs orphaned by `kill -9`.
+TAG_PID = "mnist_lstm.pid"
+TAG_HOST = "mnist_lstm.host"
+# Set on a run created by a sync: a rerun of an interrupted sync finds it instead of a second one.
+TAG_SPOOL_ID = "mnist_lstm.spool_id"
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def _dataset_entity(spec: dict[str, Any]) -> Dataset:
+    return Dataset(
+        name=spec["name"],
+        digest=spec["digest"],
+        source_type=spec["source_type"],
+        source=spec["source"],
+        schema=spec["schema"],
+        profile=spec["profile"],
+    )
+
+
+def apply(client: mlflow.MlflowClient, run_id: str, op: dict[str, Any], files: list[Path]) -> None:
+    """Perform one write on the store. The same code logs live and replays the spool, so a run
+    synced after an outage holds what it would have held without one. Every op can be repeated
+    without duplicating anything (an interrupted sync repeats at most one)."""
+    kind = op["op"]
+    if kind == "params":
+        client.log_batch(run_id, params=[Param(k, str(v)) for k, v in op["params"].items()])
+    elif kind == "tags":
+        client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in op["tags"].items()])
+    elif kind == "metrics":
+        # Same key, value, step and timestamp is the same point: the store keeps it once.
+        metrics = [
+            Metric(k, float(v), op["timestamp"], op["step"]) for k, v in op["metrics"].items()
+        ]
+        client.log_batch(run_id, metrics=metrics)
+    elif kind == "artifact":
+        for path in files:  # the same path again overwrites the same artifact
+            client.log_artifact(run_id, str(path), op.get("artifact_path"))
+    elif kind == "inputs":
+        # The store keeps one dataset per (name, digest) and one input per dataset and run.
+        client.log_inputs(
+            run_id,
+            datasets=[
+                DatasetInput(_dataset_entity(d), [InputTag(MLFLOW_DATASET_CONTEXT, d["context"])])
+                for d in op["datasets"]
+            ],
+        )
+    elif kind == "model":
+        _replay_model(client, run_id, files)
+    elif kind == "status":
+        client.update_run(run_id, status=op["status"])
+    elif kind == "end":
+        client.set_terminated(run_id, status=op["status"], end_time=op["end_time"])
+    else:
+        raise ValueError(f"unknown tracking op {kind!r}")
+
+
+def _replay_model(client: mlflow.MlflowClient, run_id: str, files: list[Path]) -> None:
+    """Log the spooled model file unless the run already holds a finished logged model (a sync
+    interrupted after logging it); a half-uploaded one is marked FAILED, not left PENDING."""
+    run = client.get_run(run_id)
+    for logged in client.search_logged_models(
+        experiment_ids=[run.info.experiment_id],
+        filter_string=f"source_run_id = '{run_id}' AND name = '{MODEL_NAME}'",
+    ):
+        if logged.status == LoggedModelStatus.READY:
+            return
+        client.finalize_logged_model(logged.model_id, LoggedModelStatus.FAILED)
+    model_file, example_file = files
+    model = keras.models.load_model(model_file, safe_mode=True)
+    log_model(model, np.load(example_file), run_id)
+
+
+class RunWriter:
+    """Where a stage's writes to its run go: straight to the store while it answers; once a write
+    fails because the store is down or unreachable (after MLflow's bounded retries), that write
+    and every later one go, in order, to a spool that `make sync` replays. The stage goes on."""
+
+    def __init__(self, run_id: str, spool_: spool.Spool | None = None, why: str = "") -> None:
+        self.uri = tracking_uri()
+        self.client = mlflow.MlflowClient(self.uri)
+        self.run_id = run_id
+        self.spool = spool_
+        self._why = why
+
+    @property
+    def deferred(self) -> bool:
+        return self.spool is not None
+
+    def _defer(self, err: Exception) -> None:
+        """From this write on, everything goes to a new spool; one line says so."""
+        if not is_outage(err):
+            raise err
+        self._why = reason(err)
+        self.spool = spool.Spool.create(project_root(), self.uri, self.run_id)
+        print(
+            f"tracking: {self.uri} stopped answering ({self._why}); the run's remaining writes "
+            f"go to {self.spool.path} and the stage goes on",
+            flush=True,
+        )
+
+    def _write(self, op: dict[str, Any], files: list[tuple[Path, str]] | None = None) -> None:
+        files = files or []
+        if self.spool is None:
+            try:
+                apply(self.client, self.run_id, op, [source for source, _ in files])
+                return
+            except Exception as err:  # noqa: BLE001 - _defer re-raises what is not an outage
+                self._defer(err)
+        self.spool.append(op, files)
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        self._write({"op": "params", "params": {k: str(v) for k, v in params.items()}})
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        self._write({"op": "tags", "tags": {k: str(v) for k, v in tags.items()}})
+
+    def log_metrics(self, metrics: dict[str, float], step: int = 0) -> None:
+        self._write({"op": "metrics", "metrics": metrics, "step": step, "timestamp": _now_ms()})
+
+    def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
+        path = Path(path)
+        self._write({"op": "artifact", "artifact_path": artifact_path}, [(path, path.name)])
+
+    def log_dict(self, value: dict[str, Any], name: str) -> None:
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / name
+            path.write_text(json.dumps(value, indent=2))
+            self.log_artifact(path)
+
+    def log_datasets(self, datasets: list[dict[str, Any]]) -> None:
+        self._write({"op": "inputs", "datasets": datasets})
+
+    def log_model(self, model: keras.Model, model_file: Path, input_example: np.ndarray) -> None:
+        """The model as an MLflow model; spooled as the model file the stage wrote."""
+        if self.spool is None:
+            try:
+                log_model(model, input_example, self.run_id)
+                return
+            except Exception as err:  # noqa: BLE001 - _defer re-raises what is not an outage
+                self._defer(err)
+        with tempfile.TemporaryDirectory() as tmp:
+            example = Path(tmp) / "input_example.npy"
+            np.save(example, input_example)
+            files = [(Path(model_file), "model.keras"), (example, example.name)]
+            self._write({"op": "model"}, files)
+
+    def set_status(self, status: str) -> None:
+        self._write({"op": "status", "status": status})
+
+    def end(self, status: str) -> None:
+        self._write({"op": "end", "status": status, "end_time": _now_ms()})
+
+    def close(self) -> None:
+        """Release the spool to `make sync`, and say in one line how far tracking is behind."""
+        if self.spool is None:
+            return
+        self.spool.release()
+        behind = spool.describe(self.spool.unsynced())
+        why = f" ({self._why})" if self._why else ""
+        print(
+            f"tracking: {self.uri} is behind{why}: {behind} of run {self.spool.display_id} wait "
+            f"in {self.spool.path}; `make sync` sends them once it answers (the next pipeline "
+            "run does it first)",
+            flush=True,
+        )
+
+    def where(self) -> str:
+        """The run in the UI, or where its writes wait."""
+        if self.deferred:
+            return f"run {self.spool.display_id}, waiting in {self.spool.path} for `make sync`"
+        return run_url(self.run_id)
+
+
+def _owner_tags() -> dict[str, str]:
+    return {TAG_PID: str(os.getpid()), TAG_HOST: socket.gethostname()}
+
+
+def new_run(name: str, tags: dict[str, str], create: dict[str, Any] | None = None) -> RunWriter:
+    """Create the run in the store, or (offline, or when the store just went down) in a spool
+    that creates it when it syncs. `create` adds how a sync finds an existing run instead."""
+    tags = {**tags, **_owner_tags()}
+    spec = {"run_name": name, "start_time": _now_ms(), "tags": tags, **(create or {})}
+    why = "MNIST_LSTM_TRACKING=offline"
+    if not offline():
+        client = mlflow.MlflowClient(tracking_uri())
+        try:
+            experiment_id = client.get_experiment_by_name(EXPERIMENT).experiment_id
+            run = client.create_run(
+                experiment_id, start_time=spec["start_time"], tags=tags, run_name=name
+            )
+            return RunWriter(run.info.run_id)
+        except Exception as err:
+            if not is_outage(err):
+                raise
+            why = reason(err)
+    deferred = spool.Spool.create(project_root(), tracking_uri(), None, spec)
+    return RunWriter(deferred.spool_id, deferred, why)
+
+
+def sync_first() -> None:
+    """Before a stage logs anything: replay what earlier stages left in the spool for this store."""
+    spools = spool.pending(project_root(), tracking_uri())
+    if spools:
+        sync(spools, say=lambda line: print(f"tracking: {line}", flush=True))
+
+
+def _spooled_run_for_model(model_md5: str) -> spool.Spool | None:
+    """The newest spool for this store whose run trained a model file with this md5."""
+    found = None
+    for candidate in spool.pending(project_root(), tracking_uri()):
+        for op in candidate.ops():
+            if op["op"] == "tags" and op["tags"].get(TAG_MODEL_MD5) == model_md5:
+                found = candidate
+    return found
+
+
+def claim_spooled_run(model_md5: str, store_down: str = "") -> RunWriter | None:
+    """The run that trained this model file while its writes still wait in the spool (the store
+    down, or offline), claimed for this stage, which goes on writing after them; None when no
+    spooled run trained it. A store that answers is first sent what waits."""
+    with spool.lock(project_root()):
+        if not offline() and not store_down:
+            sync_first()
+        pending = _spooled_run_for_model(model_md5)
+        if pending is None:
+            return None
+        pending.claim()
+    return RunWriter(pending.display_id, pending, store_down)
+
+
+def spooled_run_ids() -> set[str | None]:
+    """The store's ids of runs whose writes wait in the spool: they end when synced."""
+    return {s.run_id for s in spool.pending(project_root())}
+
+
+def _create_spooled_run(client: mlflow.MlflowClient, deferred: spool.Spool) -> str:
+    """The store's run for a spool that began without one: found again by its spool id when an
+    earlier sync created it, the training run of its model (evaluate offline), or created."""
+    spec = deferred.meta["create"]
+    experiment_id = client.get_experiment_by_name(EXPERIMENT).experiment_id
+    for filter_string in (
+        f"tags.`{TAG_SPOOL_ID}` = '{deferred.spool_id}'",
+        f"tags.`{TAG_MODEL_MD5}` = '{spec['find_model_md5']}'" if "find_model_md5" in spec else "",
+    ):
+        if not filter_string:
+            continue
+        runs = client.search_runs(
+            [experiment_id], filter_string, order_by=["attributes.start_time DESC"], max_results=1
+        )
+        if runs:
+            return runs[0].info.run_id
+    run = client.create_run(
+        experiment_id,
+        start_time=spec["start_time"],
+        tags={**spec["tags"], TAG_SPOOL_ID: deferred.spool_id},
+        run_name=spec["run_name"],
+    )
+    return run.info.run_id
+
+
+def _replay(deferred: spool.Spool, check: Callable[[], None]) -> tuple[str, int]:
+    """Send a spool's unsynced ops in order, recording each as done; (run id, ops sent)."""
+    client = mlflow.MlflowClient(deferred.tracking_uri)
+    run_id = deferred.run_id
+    if run_id is None:
+        run_id = _create_spooled_run(client, deferred)
+        deferred.mark_synced(run_id, 0)
+    sent = 0
+    for op in deferred.unsynced():
+        check()
+        apply(client, run_id, op, deferred.files_of(op))
+        deferred.mark_synced(run_id, op["seq"])
+        sent += 1
+    return run_id, sent
+
+
+def sync(spools: list[spool.Spool] | None = None, say: Callable[[str], None] = print) -> bool:
+    """Replay spools (all of this project's by default) into their stores, saying a line per run
+    before and after; False when a store did not answer (its spools stay as they are).
+
+    Idempotent and resumable: each op is recorded as sent once the store has it, and an op sent
+    twice (a sync killed between the two) changes nothing. SIGINT/SIGTERM stop it between two ops
+    (KeyboardInterrupt).
+    """
+    root = project_root()
+    complete = True
+    with spool.lock(root), interrupts_held() as check:
+        for deferred in spools if spools is not None else spool.pending(root):
+            if not deferred.path.is_dir():
+                continue  # removed by a sync that held the lock before us
+            todo = deferred.unsynced()
+            uri = deferred.tracking_uri
+            if todo:
+                say(f"run {deferred.display_id}: sending {spool.describe(todo)} to {uri}")
+            try:
+                connect(uri=uri, attempts=1)
+                run_id, _ = _replay(deferred, check)
+            except (TrackingError, MlflowException, OSError) as err:
+                complete = False
+                if isinstance(err, TrackingError) or is_outage(err):
+                    why = err.reason if isinstance(err, TrackingError) else reason(err)
+                    say(
+                        f"run {deferred.display_id}: not synced, {uri} does not answer "
+                        f"({why}); `make sync` again once it does"
+                    )
+                else:  # e.g. the run was deleted there: nothing to retry, nothing to throw away
+                    say(
+                        f"run {deferred.display_id}: {uri} refused a write ({reason(err)}); "
+                        f"the rest stays in {deferred.path}"
+                    )
+                continue
+            if deferred.finished():
+                deferred.remove()
+                say(f"run {run_id}: in sync with {uri}")
+            else:
+                say(f"run {run_id}: sent what there was; its stage is still writing")
+    return complete
+
+
+def waiting() -> list[str]:
+    """A line per run with writes waiting in this project's spool (for `make lineage`)."""
+    return [
+        f"run {s.display_id}: {spool.describe(s.unsynced())} wait for {s.tracking_uri}"
+        + (" (its stage is still writing)" if s.writer_alive() else " (`make sync`)")
+        for s in spool.pending(project_root())
+    ]

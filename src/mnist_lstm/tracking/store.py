@@ -1,0 +1,178 @@
+"""Where runs live: the MLflow store a stage logs to, the experiment in it, and how a failing
+store is told from a refused request.
+
+The tracking URI comes from `MLFLOW_TRACKING_URI`, else the repo's own sqlite store `mlflow.db`.
+`MNIST_LSTM_TRACKING=offline` keeps every write in the spool until `make sync` (outage.py).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import time
+from pathlib import Path
+
+# Set before mlflow is imported: it reads these once. The project must work fully offline.
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+os.environ.setdefault("DO_NOT_TRACK", "true")
+# MLflow's HTTP client retries 7 times with exponential backoff (minutes) by default; an
+# unreachable tracking server must fail the stage in seconds, before training starts.
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "15")
+# Stage logs and the predict CLI's output stay readable: no per-file download bars.
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+# Our own lines say where a run is (or waits); MLflow's "View run at" would repeat it per stage.
+os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
+# A store going down is reported once, in one line (RunWriter), not as a warning per HTTP retry.
+logging.getLogger("urllib3.connectionpool").setLevel(logging.ERROR)
+# ... nor as the traceback MLflow logs for a database error (sqlite locked past its timeout).
+logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
+
+import mlflow  # noqa: E402
+from mlflow.exceptions import MlflowException  # noqa: E402
+
+from mnist_lstm.errors import UserError, one_line  # noqa: E402
+
+EXPERIMENT = "mnist-lstm"
+# Lineage tags: the md5 hashes dvc.lock records for each stage's data output.
+TAG_RAW_MD5 = "dvc.raw_md5"
+TAG_PROCESSED_MD5 = "dvc.processed_md5"
+TAG_MODEL_MD5 = "dvc.model_md5"
+# The LSTM kernel training used (onednn or keras): `lstm_kernel: auto` differs by machine.
+TAG_LSTM_KERNEL = "train.lstm_kernel_used"
+EVAL_PREFIX = "eval/"
+TRACKING_MODE_ENV = "MNIST_LSTM_TRACKING"
+# Which MLflow UI view an experiment opens in (3.x tells GenAI from model training by it).
+TAG_EXPERIMENT_KIND = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
+# MLflow 3.17's UI opens an experiment on its GenAI overview, whatever its experiment kind tag,
+# unless the link asks for the model-training view (`make ui-check` watches that this is still so).
+TRAINING_VIEW = "workflowType=machine_learning"
+_EXPS_TEMP = os.sep + os.path.join(".dvc", "tmp", "exps") + os.sep
+# Store answers that are the request's fault, not the store's: never spooled, they would fail again.
+_CLIENT_ERRORS = frozenset(
+    {
+        "BAD_REQUEST",
+        "INVALID_PARAMETER_VALUE",
+        "INVALID_STATE",
+        "RESOURCE_ALREADY_EXISTS",
+        "RESOURCE_DOES_NOT_EXIST",
+        "NOT_FOUND",
+        "PERMISSION_DENIED",
+        "UNAUTHENTICATED",
+        "ENDPOINT_NOT_FOUND",
+    }
+)
+# What an outage looks like in an error's text, and how a line says it.
+_OUTAGE_SIGNS = (
+    (("Connection refused", "NewConnectionError", "Failed to establish"), "connection refused"),
+    (("timed out", "Timeout", "ConnectTimeout"), "timed out"),
+    (("database is locked",), "database is locked"),
+    (("Name or service not known", "nodename nor servname"), "host not found"),
+    (("RemoteDisconnected", "Connection aborted", "Connection reset"), "connection dropped"),
+    (("503", "502", "504"), "server unavailable"),
+)
+
+
+class TrackingError(UserError):
+    """The MLflow store cannot be used; raised before any training starts."""
+
+    def __init__(self, message: str, reason: str = "") -> None:
+        super().__init__(message)
+        self.reason = reason or message
+
+
+def project_root(cwd: Path | None = None) -> Path:
+    """The repo root, also from inside the temporary copies `dvc exp run --queue` works in."""
+    cwd = Path(cwd or os.getcwd()).resolve()
+    text = str(cwd)
+    if _EXPS_TEMP in text:
+        return Path(text.split(_EXPS_TEMP, 1)[0])
+    return cwd
+
+
+def tracking_uri() -> str:
+    """MLFLOW_TRACKING_URI if set, else the repo's own sqlite store `mlflow.db`."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{project_root() / 'mlflow.db'}"
+
+
+def offline() -> bool:
+    """MNIST_LSTM_TRACKING=offline: log to the spool from the start, `make sync` later."""
+    value = os.environ.get(TRACKING_MODE_ENV, "online").strip().lower() or "online"
+    if value not in ("online", "offline"):
+        raise UserError(f"{TRACKING_MODE_ENV} must be online or offline, got {value!r}")
+    return value == "offline"
+
+
+def is_outage(err: BaseException) -> bool:
+    """A failure of the store or the way to it (down, unreachable, locked past its timeout)."""
+    if isinstance(err, MlflowException):
+        return err.error_code not in _CLIENT_ERRORS
+    return isinstance(err, OSError)
+
+
+def reason(err: BaseException) -> str:
+    """A short reason: `connection refused` rather than urllib3's paragraph."""
+    text = str(err)
+    for signs, said in _OUTAGE_SIGNS:
+        if any(sign in text for sign in signs):
+            return said
+    return one_line(err)
+
+
+def _artifact_location(uri: str) -> str | None:
+    """Artifacts beside a local sqlite store (not wherever the process happens to run)."""
+    if uri.startswith("sqlite:///"):
+        return (Path(uri[len("sqlite:///") :]).parent / "mlartifacts").as_uri()
+    return None
+
+
+def connect(attempts: int = 5, uri: str | None = None) -> str:
+    """Point mlflow at the store and make sure the experiment exists, marked as a model-training
+    experiment for MLflow's UI; fail fast, naming the URI, if the store cannot be used.
+
+    Parallel `dvc exp` workers may race to create the sqlite schema or the experiment on a new
+    store; such a collision is retried a few times instead of failing a run.
+    """
+    uri = uri or tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    for attempt in range(attempts):
+        try:
+            client = mlflow.MlflowClient(uri)
+            experiment = client.get_experiment_by_name(EXPERIMENT)
+            if experiment is None:
+                with contextlib.suppress(MlflowException):  # another writer created it meanwhile
+                    client.create_experiment(
+                        EXPERIMENT,
+                        artifact_location=_artifact_location(uri),
+                        tags={TAG_EXPERIMENT_KIND: EXPERIMENT_KIND},
+                    )
+                experiment = client.get_experiment_by_name(EXPERIMENT)
+            if TAG_EXPERIMENT_KIND not in experiment.tags:  # a store made before the tag
+                client.set_experiment_tag(
+                    experiment.experiment_id, TAG_EXPERIMENT_KIND, EXPERIMENT_KIND
+                )
+            mlflow.set_experiment(experiment_id=experiment.experiment_id)
+            return experiment.experiment_id
+        except Exception as err:  # noqa: BLE001 - any failure here means the store is unusable
+            text = str(err)
+            if attempt + 1 < attempts and ("locked" in text or "already exists" in text):
+                time.sleep(0.5 * (attempt + 1))
+                continue
+            why = reason(err)
+            raise TrackingError(
+                f"MLflow tracking URI {uri}: cannot be used ({why}); start it, or set "
+                f"{TRACKING_MODE_ENV}=offline to keep the run locally and `make sync` later",
+                why,
+            ) from None
+    raise AssertionError("unreachable")
+
+
+def run_url(run_id: str) -> str:
+    """Where the run is in the UI that `make ui` starts (or the tracking server's own UI)."""
+    experiment_id = mlflow.MlflowClient(tracking_uri()).get_run(run_id).info.experiment_id
+    uri = tracking_uri()
+    base = uri if uri.startswith("http") else "http://127.0.0.1:5000"
+    return f"{base.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}?{TRAINING_VIEW}"
