@@ -224,7 +224,7 @@ def http_service(cmd: list[str], cwd: Path, env: dict[str, str], ready_url: str)
 
 def fused_op_problem() -> str | None:
     """Why the oneDNN op cannot be used in this environment (None: it can, built from the current
-    source -- building it first when a compiler is at hand, as training would)."""
+    source by `make install`; training never builds it)."""
     from mnist_lstm import onednn_build, onednn_lstm
 
     try:

@@ -1,5 +1,6 @@
 """The fused op is optional: where it cannot be built or loaded, installing and training go on with
-Keras' LSTM and say so in one line; a library built from another source is never loaded."""
+Keras' LSTM and say so in one line; a library built from another source is never loaded, and only
+`make install` (`python -m mnist_lstm.onednn_build`) ever compiles it -- training never does."""
 
 from __future__ import annotations
 
@@ -37,6 +38,41 @@ def hidden_op(tmp_path, monkeypatch) -> Path:
     onednn_lstm.ops.cache_clear()
 
 
+@pytest.fixture
+def compilers_that_tell(tmp_path, monkeypatch) -> Path:
+    """Every C++ compiler the build could pick ($CXX, then g++, c++, clang++ first on PATH) is a
+    script that leaves a marker file and fails: the marker exists iff something compiled."""
+    marker = tmp_path / "a-compiler-ran"
+    folder = tmp_path / "telltale-bin"
+    folder.mkdir()
+    for name in (*onednn_build.COMPILERS, "telltale-cxx"):
+        script = folder / name
+        script.write_text(f"#!/bin/sh\necho \"$0 $*\" >> '{marker}'\nexit 1\n")
+        script.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{folder}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setenv("CXX", str(folder / "telltale-cxx"))
+    return marker
+
+
+@pytest.fixture
+def stale_op(tmp_path, monkeypatch, compilers_that_tell) -> Path:
+    """A library built from another source where training looks for one, with a compiler at hand
+    (one that tells when it runs)."""
+    if onednn_build.platform_problem():
+        pytest.skip(onednn_build.platform_problem())
+    folder = tmp_path / "op"
+    folder.mkdir()
+    monkeypatch.setenv(onednn_build.OP_DIR_ENV, str(folder))
+    onednn_lstm.ops.cache_clear()
+    yield stale_library(folder)
+    onednn_lstm.ops.cache_clear()
+
+
+STALE = (
+    "the oneDNN LSTM op is stale (built from another onednn_lstm.cc); `make install` rebuilds it"
+)
+
+
 def install_step(env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "mnist_lstm.onednn_build", *args],
@@ -50,7 +86,10 @@ def test_auto_falls_back_to_keras_and_says_why_and_what_it_costs(hidden_op):
     kernel, why = onednn_lstm.choose_kernel("auto")
     assert kernel == "keras"
     assert "\n" not in why
-    assert "oneDNN LSTM op is not built" in why or "Linux x86-64 only" in why
+    assert (
+        "the oneDNN LSTM op is missing (not built); `make install` builds it" in why
+        or "Linux x86-64 only" in why
+    )
     assert "slower per epoch" in why
     assert onednn_lstm.choose_kernel("keras") == ("keras", "train.lstm_kernel: keras")
 
@@ -117,25 +156,54 @@ def test_the_embedded_source_hash_is_read_back_from_the_library(tmp_path):
     assert onednn_build.built_hash(tmp_path / "missing.so") is None
 
 
-def test_a_library_built_from_another_source_is_refused_when_it_cannot_be_rebuilt(hidden_op):
-    stale_library(hidden_op)
-    if onednn_build.platform_problem():
-        pytest.skip(onednn_build.platform_problem())
-    with pytest.raises(onednn_build.OpUnavailable, match="was built from another onednn_lstm.cc"):
+def unchanged(path: Path) -> tuple[bytes, int]:
+    return path.read_bytes(), path.stat().st_mtime_ns
+
+
+def test_a_stale_library_trains_with_keras_under_auto_and_nothing_compiles(
+    stale_op, compilers_that_tell
+):
+    before = unchanged(stale_op)
+    with pytest.raises(onednn_build.OpUnavailable) as caught:
         onednn_build.current_library()
+    assert str(caught.value) == STALE
     kernel, why = onednn_lstm.choose_kernel("auto")
-    assert kernel == "keras" and "was built from another onednn_lstm.cc" in why
+    assert kernel == "keras"
+    assert why == (
+        f"train.lstm_kernel: auto, and the oneDNN op is unusable: {STALE}; {onednn_build.COST}"
+    )
+    assert not compilers_that_tell.exists()  # no compiler ran...
+    assert unchanged(stale_op) == before  # ...and the library was not touched
+
+
+def test_a_stale_library_under_onednn_refuses_in_one_line_naming_make_install(
+    stale_op, compilers_that_tell
+):
+    before = unchanged(stale_op)
+    with pytest.raises(onednn_build.OpUnavailable) as caught:
+        onednn_lstm.choose_kernel("onednn")
+    assert str(caught.value) == (
+        f"train.lstm_kernel: onednn, but {STALE} (or set train.lstm_kernel: auto)"
+    )
+    assert not compilers_that_tell.exists()
+    assert unchanged(stale_op) == before
 
 
 @needs_onednn_wheel
-def test_a_library_built_from_another_source_is_rebuilt_before_loading(tmp_path, monkeypatch):
+def test_the_install_step_rebuilds_a_stale_library(tmp_path):
+    """What `make install` runs: the one place the op is compiled."""
     if onednn_build.compiler() is None:
         pytest.skip("no C++ compiler on PATH")
-    monkeypatch.setenv(onednn_build.OP_DIR_ENV, str(tmp_path))
     path = stale_library(tmp_path)
-    assert onednn_build.current_library() == path
+    result = install_step({**os.environ, onednn_build.OP_DIR_ENV: str(tmp_path)})
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == (
+        f"oneDNN LSTM op: built {path} (it was built from another onednn_lstm.cc)"
+    )
     assert onednn_build.built_hash(path) == onednn_build.source_hash()
     assert path.stat().st_size > 100_000  # a real library replaced the stale bytes
+    again = install_step({**os.environ, onednn_build.OP_DIR_ENV: str(tmp_path)})
+    assert again.stdout.strip() == f"oneDNN LSTM op: up to date ({path})"
 
 
 @pytest.mark.e2e
@@ -147,31 +215,34 @@ def test_dvc_repro_after_an_edit_of_the_op_source_never_trains_with_the_old_buil
     env[onednn_build.OP_DIR_ENV] = str(tmp_path / "op")
     library = tmp_path / "op" / "onednn_lstm.so"
     source = root / "src" / "mnist_lstm" / "csrc" / "onednn_lstm.cc"
-    run([sys.executable, "-m", "mnist_lstm.onednn_build"], root, env)  # as `make install` does
+    install = [sys.executable, "-m", "mnist_lstm.onednn_build"]  # as `make install` runs it
+    run(install, root, env)
     run(["dvc", "repro"], root, env)
 
-    source.write_text(source.read_text() + "// an edit\n")
-    rerun = run(["dvc", "repro"], root, env)
-    assert stages_run(rerun)[0] == "train"  # evaluate too, unless the model bytes are the same
-    assert "oneDNN LSTM op: was built from another onednn_lstm.cc; compiling it" in rerun.stdout
-    assert "train: LSTM kernel onednn (" in rerun.stdout
-    assert onednn_build.built_hash(library) == hashlib.sha256(source.read_bytes()).hexdigest()
-
-    # Without a compiler the next edit cannot be built: `onednn` refuses in one line, and
-    # dvc.lock keeps the source and model of the last good run (its model is in DVC's cache).
+    # The stage never compiles: after an edit `onednn` refuses in one line naming `make install`
+    # (with a compiler at hand), and dvc.lock keeps the source and model of the last good run.
     lock = (root / "dvc.lock").read_bytes()
-    source.write_text(source.read_text() + "// another edit\n")
-    refused = run(without_compiler(["dvc", "repro"]), root, env, check=False)
+    built = library.read_bytes()
+    source.write_text(source.read_text() + "// an edit\n")
+    refused = run(["dvc", "repro"], root, env, check=False)
     assert refused.returncode != 0
     errors = [line for line in refused.stderr.splitlines() if line.startswith("error: ")]
     assert errors[0] == (
-        "error: train.lstm_kernel: onednn, but the oneDNN LSTM op was built from another "
-        "onednn_lstm.cc and cannot be rebuilt: no C++ compiler on PATH (g++, c++ or clang++; "
-        "or set CXX) (or set train.lstm_kernel: auto)"
+        "error: train.lstm_kernel: onednn, but the oneDNN LSTM op is stale (built from another "
+        "onednn_lstm.cc); `make install` rebuilds it (or set train.lstm_kernel: auto)"
     )
     assert "Traceback" not in refused.stdout + refused.stderr
     assert (root / "dvc.lock").read_bytes() == lock
+    assert library.read_bytes() == built
     assert not (root / "models" / "model.keras").exists()  # no model from the old build
+
+    # `make install` rebuilds it, and the next run trains through the op built from the edit.
+    rebuilt = run(install, root, env)
+    assert "(it was built from another onednn_lstm.cc)" in rebuilt.stdout
+    rerun = run(["dvc", "repro"], root, env)
+    assert stages_run(rerun)[0] == "train"
+    assert "train: LSTM kernel onednn (" in rerun.stdout
+    assert onednn_build.built_hash(library) == hashlib.sha256(source.read_bytes()).hexdigest()
 
 
 def test_a_library_that_does_not_load_falls_back_in_one_line(hidden_op, monkeypatch):

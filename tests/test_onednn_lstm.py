@@ -13,7 +13,7 @@ import tensorflow as tf
 
 from mnist_lstm import onednn_lstm
 from mnist_lstm.errors import UserError
-from mnist_lstm.model import build_model
+from mnist_lstm.model import build_model, compile_model
 from test_model import TUTORIAL
 
 
@@ -98,7 +98,7 @@ def test_fused_lstm_gives_the_same_bits_every_time(fused_op):
 
 
 def test_training_through_the_fused_op_saves_a_plain_keras_lstm(tmp_path, fused_op):
-    model = build_model(TUTORIAL, n_train=32, kernel="onednn")
+    model = compile_model(build_model(TUTORIAL, kernel="onednn"), TUTORIAL, n_train=32)
     x = np.random.default_rng(0).random((32, 28, 28), dtype=np.float32)
     y = np.arange(32) % 10
     before = model.get_layer("lstm").get_weights()[0].copy()
@@ -133,7 +133,7 @@ def test_the_keras_kernel_leaves_keras_loop_in_place(fused_op):
 def test_keras_still_calls_the_inner_loop_hook_the_fused_op_replaces(fused_op, monkeypatch):
     """The op rides on a Keras internal (LSTM.inner_loop); if Keras stopped calling it, training
     would silently take the slow path with every other test green."""
-    model = build_model(TUTORIAL, n_train=32, kernel="onednn")
+    model = build_model(TUTORIAL, kernel="onednn")
     calls = []
     original = onednn_lstm.lstm
     monkeypatch.setattr(onednn_lstm, "lstm", lambda *a, **k: calls.append(1) or original(*a, **k))

@@ -6,8 +6,10 @@ mnist_lstm.onednn_build`, which builds it when it can and otherwise says in one 
 skipped and what that costs; training then uses Keras' own LSTM.
 
 Every build compiles the sha256 of its source into the library. `current_library()` reads it back
-before anything loads the op, so an edited source is rebuilt (or refused) instead of training with
-an old binary while dvc.lock records the new source.
+before anything loads the op, so a library built from another source is refused instead of
+training with an old binary while dvc.lock records the new source. Only `make install` compiles:
+the train stage never does (an edit of the source makes `auto` train with Keras' LSTM, and
+`onednn` stop, each saying in one line that `make install` rebuilds the op).
 
 Imports no TensorFlow (a build asks a child process for its flags): `make install` learns whether
 to build in a tenth of a second.
@@ -150,23 +152,21 @@ def _tensorflow_flags(log_file) -> tuple[list[str], list[str]]:
     return compile_flags, link_flags
 
 
-def current_library(prefix: str | Path = sys.prefix, rebuild: bool = True) -> Path:
-    """The library built from the current source, rebuilding it first when it is missing or stale
-    (and `rebuild` allows); OpUnavailable saying why when there is none."""
+def current_library() -> Path:
+    """The library built from the current source, for training to load; OpUnavailable saying why
+    (missing, or stale: built from another source) and that `make install` builds it when there is
+    none. Never compiles: a build belongs to `make install`, not to a `dvc repro` stage."""
     problem = platform_problem()
     if problem:
         raise OpUnavailable(problem)
-    path = library_path(prefix)
+    path = library_path()
     built = built_hash(path)
     if built == source_hash():
         return path
-    state = "is not built" if built is None else f"was built from another {SOURCE.name}"
-    problem = build_problem(prefix) if rebuild else "rebuilding is off"
-    if problem:
-        raise OpUnavailable(f"the oneDNN LSTM op {state} and cannot be rebuilt: {problem}")
-    print(f"oneDNN LSTM op: {state}; compiling it", flush=True)
-    build(path, prefix)
-    return path
+    if built is None:
+        raise OpUnavailable("the oneDNN LSTM op is missing (not built); `make install` builds it")
+    stale = f"the oneDNN LSTM op is stale (built from another {SOURCE.name})"
+    raise OpUnavailable(f"{stale}; `make install` rebuilds it")
 
 
 @exits_cleanly
@@ -178,7 +178,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--require", action="store_true", help="exit 1 when the op cannot be built")
     args = parser.parse_args(argv)
     path = library_path(args.prefix)
-    if built_hash(path) == source_hash():
+    built = built_hash(path)
+    if built == source_hash():
         print(f"oneDNN LSTM op: up to date ({path})")
         return 0
     try:
@@ -189,7 +190,8 @@ def main(argv: list[str] | None = None) -> int:
         reason = str(err).removeprefix("cannot build the oneDNN LSTM op: ")
         print(f"oneDNN LSTM op: skipped ({reason}); {COST}. Installation goes on.")
         return 0
-    print(f"oneDNN LSTM op: built {path}")
+    stale = "" if built is None else f" (it was built from another {SOURCE.name})"
+    print(f"oneDNN LSTM op: built {path}{stale}")
     return 0
 
 

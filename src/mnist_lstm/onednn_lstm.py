@@ -7,8 +7,8 @@ the whole sequence and its gradient. `use_onednn(model)` routes a model's LSTM l
 
 The layers stay `keras.layers.LSTM` with the same weights, initialisation and config: the saved
 model is a plain Keras model that loads and predicts anywhere, without this library. The op is
-optional: `onednn_build` says whether it can exist here and builds it; `choose_kernel` decides
-per run whether training uses it (`train.lstm_kernel`).
+optional: `onednn_build` says whether it can exist here and builds it (`make install` only);
+`choose_kernel` decides per run whether training uses it (`train.lstm_kernel`).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import functools
 import types
 
 from mnist_lstm import onednn_build
-from mnist_lstm.errors import UserError
+from mnist_lstm.errors import UserError, one_line
 from mnist_lstm.runtime import keras, tf
 
 
@@ -25,9 +25,9 @@ def choose_kernel(requested: str) -> tuple[str, str]:
     """The LSTM kernel training uses for `train.lstm_kernel` (auto, onednn or keras), and why, in
     words for the stage's log.
 
-    `auto` takes the fused op where it is built from the current source (or can be rebuilt) and the
-    model trains on a CPU; Keras' own LSTM otherwise (its cuDNN kernel on a GPU). `onednn` insists
-    and fails in one line when it cannot have it.
+    `auto` takes the fused op where `make install` built it from the current source and the model
+    trains on a CPU; Keras' own LSTM otherwise (its cuDNN kernel on a GPU). `onednn` insists and
+    fails in one line when it cannot have it. Neither compiles anything.
     """
     if requested == "keras":
         return "keras", "train.lstm_kernel: keras"
@@ -51,16 +51,16 @@ def choose_kernel(requested: str) -> tuple[str, str]:
 
 @functools.cache
 def ops() -> types.ModuleType:
-    """The op library, checked to be built from the current source (rebuilt when it is not and a
-    compiler is at hand): never an old binary for a new source."""
+    """The op library, checked to be built from the current source: never an old binary for a new
+    source, and never a compile (a missing or stale library is OpUnavailable; `make install`
+    builds it)."""
     path = onednn_build.current_library()
     try:
         return tf.load_op_library(str(path))
     except (tf.errors.NotFoundError, OSError) as err:
         # Built from this source but against another TensorFlow (the lock changed since).
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise onednn_build.OpUnavailable(
-            f"{path} does not load ({reason}); `make install` rebuilds it"
+            f"{path} does not load ({one_line(err)}); `make install` rebuilds it"
         ) from None
 
 
