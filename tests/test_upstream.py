@@ -194,9 +194,9 @@ def test_the_mended_fit_trains_across_two_workers():
 
 
 def test_tensorflow_still_leaves_its_all_reduce_pool_open_when_a_reduce_fails():
-    """distributed.cluster_failures terminates thread pools TensorFlow's eager all-reduce leaves open
-    when a host is lost (their finalizers fail at exit). When TensorFlow closes the pool however
-    the reduce ends (a `with` block or `finally`), drop that loop."""
+    """distributed.cluster_failures terminates thread pools TensorFlow's eager all-reduce leaves
+    open when a host is lost (their finalizers fail at exit). When TensorFlow closes the pool
+    however the reduce ends (a `with` block or `finally`), drop that loop."""
     import inspect
 
     from tensorflow.python.distribute.cross_device_ops import CollectiveAllReduce
