@@ -208,7 +208,7 @@ def _source_tags(stage: str) -> dict[str, str]:
 
 @contextlib.contextmanager
 def training_run(
-    run_name: str, params: dict[str, Any], facts: dict[str, str] | None = None
+    run_name: str, params: dict[str, Any], facts: dict[str, Any] | None = None
 ) -> Iterator[RunWriter]:
     """Open the pipeline's run, log params, the params snapshot and git lineage; yield its writer.
 

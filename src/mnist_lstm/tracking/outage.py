@@ -228,10 +228,11 @@ def _owner_tags() -> dict[str, str]:
     return {TAG_PID: str(os.getpid()), TAG_HOST: socket.gethostname()}
 
 
-def new_run(name: str, tags: dict[str, str], create: dict[str, Any] | None = None) -> RunWriter:
+def new_run(name: str, tags: dict[str, Any], create: dict[str, Any] | None = None) -> RunWriter:
     """Create the run in the store, or (offline, or when the store just went down) in a spool
     that creates it when it syncs. `create` adds how a sync finds an existing run instead."""
-    tags = {**tags, **_owner_tags()}
+    # MLflow keeps tags as text: numbers become text here, at the edge, and nowhere before.
+    tags = {key: str(value) for key, value in {**tags, **_owner_tags()}.items()}
     spec = {"run_name": name, "start_time": _now_ms(), "tags": tags, **(create or {})}
     why = "MNIST_LSTM_TRACKING=offline"
     if not offline():
