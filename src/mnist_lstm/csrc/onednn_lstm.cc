@@ -513,45 +513,48 @@ Status gradient_shapes(InferenceContext* c) {
   return absl::OkStatus();
 }
 
+// The forward op's attribute and inputs. Its gradient op takes the same ones first: TensorFlow
+// hands a gradient function the forward op's inputs and outputs (onednn_lstm.py passes them on).
+::tensorflow::register_op::OpDefBuilderWrapper lstm_op(const char* name) {
+  ::tensorflow::register_op::OpDefBuilderWrapper op(name);
+  op.Attr("shards: int >= 1 = 2")
+      .Input("x: float")
+      .Input("h0: float")
+      .Input("c0: float")
+      .Input("kernel: float")
+      .Input("recurrent_kernel: float")
+      .Input("bias: float");
+  return op;
+}
+
+// What REGISTER_OP expands to, with the shared part built once by lstm_op.
+const ::tensorflow::InitOnStartupMarker kForwardRegistered =
+    ::tensorflow::InitOnStartupMarker{} << lstm_op("OnednnLstm")
+                                               .Attr("training: bool = true")
+                                               .Output("outputs: float")
+                                               .Output("h: float")
+                                               .Output("c: float")
+                                               .Output("workspace: uint8")
+                                               .SetShapeFn(forward_shapes);
+
+const ::tensorflow::InitOnStartupMarker kGradientRegistered =
+    ::tensorflow::InitOnStartupMarker{} << lstm_op("OnednnLstmGrad")
+                                               .Input("outputs: float")
+                                               .Input("h: float")
+                                               .Input("c: float")
+                                               .Input("workspace: uint8")
+                                               .Input("d_outputs: float")
+                                               .Input("d_h: float")
+                                               .Input("d_c: float")
+                                               .Output("dx: float")
+                                               .Output("dh0: float")
+                                               .Output("dc0: float")
+                                               .Output("dkernel: float")
+                                               .Output("drecurrent_kernel: float")
+                                               .Output("dbias: float")
+                                               .SetShapeFn(gradient_shapes);
+
 }  // namespace
-
-REGISTER_OP("OnednnLstm")
-    .Attr("shards: int >= 1 = 2")
-    .Attr("training: bool = true")
-    .Input("x: float")
-    .Input("h0: float")
-    .Input("c0: float")
-    .Input("kernel: float")
-    .Input("recurrent_kernel: float")
-    .Input("bias: float")
-    .Output("outputs: float")
-    .Output("h: float")
-    .Output("c: float")
-    .Output("workspace: uint8")
-    .SetShapeFn(forward_shapes);
-
-REGISTER_OP("OnednnLstmGrad")
-    .Attr("shards: int >= 1 = 2")
-    .Input("x: float")
-    .Input("h0: float")
-    .Input("c0: float")
-    .Input("kernel: float")
-    .Input("recurrent_kernel: float")
-    .Input("bias: float")
-    .Input("outputs: float")
-    .Input("h: float")
-    .Input("c: float")
-    .Input("workspace: uint8")
-    .Input("d_outputs: float")
-    .Input("d_h: float")
-    .Input("d_c: float")
-    .Output("dx: float")
-    .Output("dh0: float")
-    .Output("dc0: float")
-    .Output("dkernel: float")
-    .Output("drecurrent_kernel: float")
-    .Output("dbias: float")
-    .SetShapeFn(gradient_shapes);
 
 REGISTER_KERNEL_BUILDER(Name("OnednnLstm").Device(tensorflow::DEVICE_CPU), OnednnLstmOp);
 REGISTER_KERNEL_BUILDER(Name("OnednnLstmGrad").Device(tensorflow::DEVICE_CPU), OnednnLstmGradOp);
