@@ -86,6 +86,20 @@ def test_a_lost_host_is_named_with_how_it_was_lost():
     assert "a host failed (something else)" in survivor.failure("Some\n\nsomething else")
 
 
+def test_only_an_error_while_fitting_is_taken_for_a_lost_host():
+    """After fit the chief saves and logs alone: an error there is reported as what it is."""
+    from mnist_lstm.distributed import cluster_failures
+    from mnist_lstm.runtime import tf
+
+    cluster = Cluster(hosts=tuple(HOSTS[:2]), rank=0, workers=2)
+    with pytest.raises(UserError, match="host 1 .* stopped answering"):
+        with cluster_failures(cluster, while_fitting=lambda: True):
+            raise tf.errors.UnavailableError(None, None, HEARTBEAT)
+    with pytest.raises(tf.errors.UnavailableError):
+        with cluster_failures(cluster, while_fitting=lambda: False):
+            raise tf.errors.UnavailableError(None, None, HEARTBEAT)
+
+
 def test_make_worker_runs_the_train_stage_command():
     """The other hosts of a cluster run exactly what `dvc repro` runs on the chief."""
     import re

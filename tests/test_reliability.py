@@ -244,3 +244,21 @@ def test_an_interrupt_during_fit_is_held_until_a_safe_point_then_raised():
             check()
     assert reached_safe_point
     assert signal.getsignal(signal.SIGTERM) is before
+
+
+@posix_signals
+def test_released_interrupts_act_at_once_again_and_a_held_one_is_raised_on_release():
+    """train releases the hold when fit ends: saving and logging are never held up."""
+    from mnist_lstm.errors import interrupts_held
+
+    before = signal.getsignal(signal.SIGTERM)
+    with interrupts_held() as held:
+        assert signal.getsignal(signal.SIGTERM) is not before
+        held.release()  # nothing held: nothing raised
+        assert signal.getsignal(signal.SIGTERM) is before
+    with pytest.raises(KeyboardInterrupt, match="SIGTERM"):
+        with interrupts_held() as held:
+            os.kill(os.getpid(), signal.SIGTERM)
+            held.release()
+            pytest.fail("release did not raise the held SIGTERM")
+    assert signal.getsignal(signal.SIGTERM) is before

@@ -169,6 +169,7 @@ print("PATCHED", trainer.reduce_per_replica is not keras_reduce)
 """
 
 
+@pytest.mark.slow
 def test_one_host_training_never_loads_or_patches_the_multi_host_code(
     tiny_raw, tmp_path, write_params
 ):

@@ -26,7 +26,16 @@ from typing import Any
 
 import numpy as np
 
-from mnist_lstm.errors import UserError
+from mnist_lstm.errors import UserError, one_line
+
+IMAGE_SHAPE = (28, 28)
+NUM_CLASSES = 10
+RAW_KEYS = ("x_train", "y_train", "x_test", "y_test")
+PROCESSED_SPLITS = ("train", "val", "holdout")
+
+
+class ContractError(UserError):
+    """A file between stages is missing, damaged or not in the documented layout."""
 
 
 def stage_arguments(
@@ -40,16 +49,6 @@ def stage_arguments(
     for name in paths:
         parser.add_argument(f"--{name}", type=Path, required=True)
     return parser.parse_args(argv)
-
-
-IMAGE_SHAPE = (28, 28)
-NUM_CLASSES = 10
-RAW_KEYS = ("x_train", "y_train", "x_test", "y_test")
-PROCESSED_SPLITS = ("train", "val", "holdout")
-
-
-class ContractError(UserError):
-    """A file between stages is missing, damaged or not in the documented layout."""
 
 
 @contextlib.contextmanager
@@ -168,7 +167,7 @@ def _read_npz(
     except ContractError:
         raise
     except (ValueError, OSError, EOFError, zipfile.BadZipFile) as err:
-        raise ContractError(f"{path}: not a readable .npz file ({err})") from None
+        raise ContractError(f"{path}: not a readable .npz file ({one_line(err)})") from None
 
 
 def _check(path: Path, key: str, arr: np.ndarray, dtype: str, shape: tuple) -> None:
@@ -291,4 +290,4 @@ def read_json(path: Path) -> Any:
     except FileNotFoundError:
         raise ContractError(f"{path}: file not found") from None
     except (OSError, ValueError) as err:
-        raise ContractError(f"{path}: not a readable JSON file ({err})") from None
+        raise ContractError(f"{path}: not a readable JSON file ({one_line(err)})") from None

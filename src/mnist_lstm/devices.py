@@ -1,6 +1,6 @@
 """Where training runs: one device by default, a MirroredStrategy over several GPUs (or logical
-CPUs), across hosts when TF_CONFIG names them (distributed.py, imported only then), and with which
-LSTM kernel (onednn_lstm.choose_kernel).
+CPUs), across hosts when TF_CONFIG names them (distributed.py, imported only where TF_CONFIG is
+set), and with which LSTM kernel (onednn_lstm.choose_kernel).
 
 `MNIST_LSTM_CPU_DEVICES=N` splits the CPU into N logical devices before TensorFlow touches one, so
 multi-device training runs (and is tested) on a machine without a second device.
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -81,33 +81,36 @@ class Placement:
 
             distributed.prepare(model, self.strategy, batch_size)
 
-    def failures(self) -> contextlib.AbstractContextManager[None]:
-        """Across hosts, a lost host ends training in one line (distributed.cluster_failures)."""
+    def failures(
+        self, while_fitting: Callable[[], bool]
+    ) -> contextlib.AbstractContextManager[None]:
+        """Across hosts, a host lost while fitting ends training in one line
+        (distributed.cluster_failures); nothing on one host."""
         if self.cluster is None:
             return contextlib.nullcontext()
         from mnist_lstm import distributed
 
-        return distributed.cluster_failures(self.cluster)
+        return distributed.cluster_failures(self.cluster, while_fitting)
 
 
-def place(params: TrainParams, env: Mapping[str, str] = os.environ) -> Placement:
+def place(params: TrainParams) -> Placement:
     """The devices, hosts and LSTM kernel this process trains with; says the kernel in a line.
 
     Call it before any other TensorFlow work: splitting the CPU and a multi-host strategy (which
     starts this host's server) must come first.
     """
-    split_cpu(env)
-    cluster = None
-    if env.get(TF_CONFIG_ENV, "").strip():
+    split_cpu(os.environ)
+    cluster, strategy = None, None
+    if os.environ.get(TF_CONFIG_ENV, "").strip():
         from mnist_lstm import distributed  # only with TF_CONFIG: see distributed.py
 
-        cluster = distributed.cluster_from(env)
-    if cluster is not None and cluster.size > 1:
-        from mnist_lstm import distributed
-
-        strategy = distributed.strategy(params, cluster)
-    else:
-        cluster, strategy = None, local_strategy(params)
+        cluster = distributed.cluster_from(os.environ)
+        if cluster is not None and cluster.size > 1:
+            strategy = distributed.strategy(params, cluster)
+        else:  # one host named: it trains as any one host does
+            cluster = None
+    if strategy is None:
+        strategy = local_strategy(params)
     # The fused oneDNN op where it is built and usable, else Keras' own LSTM (cuDNN on a GPU).
     kernel, why = choose_kernel(params.lstm_kernel)
     print(f"train: LSTM kernel {kernel} ({why})", flush=True)

@@ -16,10 +16,10 @@ import gc
 import json
 import multiprocessing.pool
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 
-from mnist_lstm.errors import UserError
+from mnist_lstm.errors import UserError, one_line
 from mnist_lstm.params import TrainParams
 from mnist_lstm.runtime import keras, tf
 
@@ -75,8 +75,7 @@ class Cluster:
         elif "Connection refused" in message:
             how = "refused the connection (its training is gone)"
         else:
-            lines = [line.strip() for line in message.splitlines() if line.strip()]
-            how = f"failed ({lines[-1][:160] if lines else 'no message'})"
+            how = f"failed ({one_line(message, last=True, limit=160, default='no message')})"
         who = self.describe(rank) if rank is not None else "a host"
         return (
             f"training across {self.size} hosts: {who} {how}; steps cannot go on without it, "
@@ -154,11 +153,9 @@ def strategy(params: TrainParams, cluster: Cluster) -> tf.distribute.Strategy:
 
 
 def prepare(model: keras.Model, strategy: tf.distribute.Strategy, batch_size: int) -> None:
-    """Lets `model.fit` run under `strategy` when it spans several workers; nothing otherwise."""
+    """Lets `model.fit` run under `strategy`, a MultiWorkerMirroredStrategy over several hosts."""
     from keras.src.backend.tensorflow import trainer  # Keras' private trainer: see above
 
-    if not trainer._collective_all_reduce_multi_worker(strategy):
-        return
     images = keras.KerasTensor((batch_size, *model.input_shape[1:]), "float32")
     labels = keras.KerasTensor((batch_size,), "uint8")
     with strategy.scope():
@@ -176,14 +173,15 @@ def prepare(model: keras.Model, strategy: tf.distribute.Strategy, batch_size: in
 
 
 @contextlib.contextmanager
-def cluster_failures(cluster: Cluster) -> Iterator[None]:
+def cluster_failures(cluster: Cluster, while_fitting: Callable[[], bool]) -> Iterator[None]:
     """A host of the cluster lost mid-training (killed, its link down): TensorFlow's collective
-    or coordination error becomes one line. Its training steps cannot go on without it."""
+    or coordination error becomes one line. Its training steps cannot go on without it. After
+    fit, an error is what it is (saving and logging run on this host alone)."""
     lost = None
     try:
         yield
     except tf.errors.OpError as err:
-        if cluster.size < 2:
+        if not while_fitting():
             raise
         lost = cluster.failure(err.message)
     if lost:

@@ -18,14 +18,16 @@ class UserError(Exception):
     exit_code = EXIT_USER_ERROR
 
 
-def one_line(err: BaseException | str, last: bool = False, limit: int = 200) -> str:
+def one_line(
+    err: BaseException | str, last: bool = False, limit: int = 200, default: str = ""
+) -> str:
     """An error (or a tool's output) as one short line for an `error: ...` message: its first
     non-empty line (`last`: its last, where a tool prints the cause at the end), cut at `limit`
-    characters; the exception's type when it has no text."""
+    characters. Without any text: `default`, else the exception's type."""
     lines = [line.strip() for line in str(err).splitlines() if line.strip()]
-    if not lines:
-        return err if isinstance(err, str) else type(err).__name__
-    return lines[-1 if last else 0][:limit]
+    if lines:
+        return lines[-1 if last else 0][:limit]
+    return default or ("" if isinstance(err, str) else type(err).__name__)
 
 
 INTERRUPTS = (signal.SIGINT, signal.SIGTERM)
@@ -45,11 +47,41 @@ def _restart_system_calls() -> None:
         signal.siginterrupt(signum, False)
 
 
+class HeldInterrupts:
+    """SIGINT and SIGTERM recorded, not raised where they land. Calling it (at a point where
+    unwinding is safe) raises the first one held as KeyboardInterrupt; `release()` gives the
+    previous handlers back early and raises what is held."""
+
+    def __init__(self) -> None:
+        self._held: list[str] = []
+        self._previous = {signum: signal.signal(signum, self._hold) for signum in INTERRUPTS}
+        _restart_system_calls()
+
+    def _hold(self, signum: int, frame: object) -> None:
+        self._held.append(signal.Signals(signum).name)
+
+    def __call__(self) -> None:
+        if self._held:
+            raise KeyboardInterrupt(self._held[0])
+
+    def restore(self) -> None:
+        """The handlers as they were before; a signal from now on acts at once."""
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        if self._previous:
+            _restart_system_calls()
+        self._previous = {}
+
+    def release(self) -> None:
+        self.restore()
+        self()
+
+
 @contextlib.contextmanager
-def interrupts_held() -> Iterator[Callable[[], None]]:
-    """Within the block, SIGINT and SIGTERM are held, not raised where they land; the block calls
-    the yielded check at points where unwinding is safe, and it raises KeyboardInterrupt there. A
-    signal still held when the block ends is raised after it.
+def interrupts_held() -> Iterator[HeldInterrupts]:
+    """Within the block (or until it releases them), SIGINT and SIGTERM are held, not raised where
+    they land; the block calls the yielded object at points where unwinding is safe, and it raises
+    KeyboardInterrupt there. A signal still held when the block ends is raised after it.
 
     For Keras' `fit`: an interrupt raised at an arbitrary bytecode can land inside TensorFlow's
     own Python code -- creating an epoch's dataset iterator, say -- and leave its C++ state half
@@ -57,24 +89,12 @@ def interrupts_held() -> Iterator[Callable[[], None]]:
     instead of the clean exit below. Checked between steps, it stops within one call of
     `steps_per_execution` steps.
     """
-    held: list[str] = []
-
-    def hold(signum: int, frame: object) -> None:
-        held.append(signal.Signals(signum).name)
-
-    def check() -> None:
-        if held:
-            raise KeyboardInterrupt(held[0])
-
-    previous = {signum: signal.signal(signum, hold) for signum in INTERRUPTS}
-    _restart_system_calls()
+    held = HeldInterrupts()
     try:
-        yield check
+        yield held
     finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
-        _restart_system_calls()
-    check()
+        held.restore()
+    held()
 
 
 def exits_cleanly(main: Callable[..., int | None]) -> Callable[..., int]:

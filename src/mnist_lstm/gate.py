@@ -181,12 +181,14 @@ def committed_metrics(root: Path, rev: str, path: Path) -> dict[str, float]:
         ["git", "show", f"{rev}:{relative.as_posix()}"], cwd=root, capture_output=True, text=True
     )
     if result.returncode != 0:
-        why = one_line(result.stderr or "git failed", last=True)
+        why = one_line(result.stderr, last=True, default="git failed")
         raise GateError(f"baseline {rev}:{relative.as_posix()}: not committed there ({why})")
     try:
         metrics = json.loads(result.stdout)
     except json.JSONDecodeError as err:
-        raise GateError(f"baseline {rev}:{relative.as_posix()}: not valid JSON ({err})") from None
+        raise GateError(
+            f"baseline {rev}:{relative.as_posix()}: not valid JSON ({one_line(err)})"
+        ) from None
     if not isinstance(metrics, dict):
         raise GateError(f"baseline {rev}:{relative.as_posix()}: must hold a JSON object of metrics")
     return metrics

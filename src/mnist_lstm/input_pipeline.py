@@ -1,6 +1,6 @@
 """The tf.data pipelines `fit` reads: the training split in seeded, fixed-size batches and the
-validation split in order, gathered from NumPy arrays batch by batch (docs/performance.md says what
-each choice saves).
+validation split in order, gathered from NumPy arrays batch by batch
+(docs/performance-engineering.md says what each choice saves).
 """
 
 from __future__ import annotations
@@ -24,8 +24,8 @@ def training_batches(x: np.ndarray, y: np.ndarray, batch_size: int, seed: int) -
 
     Fixed-size batches let TensorFlow specialise the training graph to one static shape instead
     of an unknown batch dimension -- about a quarter of each epoch on this CPU
-    (docs/performance.md). Topping up keeps the tutorial's step count (ceil(n / batch)) and trains
-    on every image each epoch, unlike dropping the remainder.
+    (docs/performance-engineering.md). Topping up keeps the tutorial's step count
+    (ceil(n / batch)) and trains on every image each epoch, unlike dropping the remainder.
     """
     n = len(x)
     steps = -(-n // batch_size)
@@ -77,7 +77,8 @@ def _gather_from(
     A TensorFlow copy of the images (`tf.constant`, or what Keras makes of arrays) raised the
     stage's peak memory by 190-280 MiB; images held as uint8 levels (`load_processed`) cost a
     quarter of float32, and `as_pixels` gives the exact float32 values `normalize` wrote. Each call
-    is a Python callback (~0.2 ms), hence GATHER_GROUP steps per call (docs/performance.md).
+    is a Python callback (~0.2 ms), hence GATHER_GROUP steps per call
+    (docs/performance-engineering.md).
     """
 
     def gather(index: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -96,7 +97,8 @@ def _gather_from(
 
 def _without_autotune() -> tf.data.Options:
     # tf.data's autotuner wakes up in the background to re-tune buffers and threads; on two cores it
-    # preempts the training threads and made every other epoch ~70% slower (docs/performance.md).
+    # preempts the training threads and made every other epoch ~70% slower
+    # (docs/performance-engineering.md).
     # Gathering a batch of 64 rows needs no tuning.
     options = tf.data.Options()
     options.autotune.enabled = False

@@ -57,7 +57,7 @@ def build_model(params: TrainParams, unroll: bool = True, kernel: str = "keras")
         # Only the last layer's final state feeds the classifier: the whole image has been read.
         name = "lstm" if index == 0 else f"lstm_{index}"
         # Unrolled: 28 steps are few and fixed, so one straight-line graph beats a while loop on
-        # CPU (measured with `make bench`; docs/performance.md).
+        # CPU (measured with `make bench`; docs/performance-engineering.md).
         lstm = keras.layers.LSTM(params.units, return_sequences=not last, unroll=unroll, name=name)
         if params.bidirectional:
             lstm = keras.layers.Bidirectional(lstm, name=f"bi{name}")

@@ -26,7 +26,7 @@ from pydantic import (
     model_validator,
 )
 
-from mnist_lstm.errors import UserError
+from mnist_lstm.errors import UserError, one_line
 
 # The holdout comes from the 10,000 test images and validation needs at least one of them.
 MAX_HOLDOUT = 9999
@@ -191,7 +191,7 @@ def read_yaml(path: Path) -> dict[str, Any]:
     except FileNotFoundError:
         raise ParamsError(f"{path}: file not found") from None
     except (OSError, UnicodeDecodeError) as err:
-        raise ParamsError(f"{path}: cannot be read ({err})") from None
+        raise ParamsError(f"{path}: cannot be read ({one_line(err)})") from None
     try:
         doc = yaml.safe_load(text)
     except yaml.YAMLError as err:

@@ -21,7 +21,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from mnist_lstm.contracts import IMAGE_SHAPE
-from mnist_lstm.errors import UserError, exits_cleanly
+from mnist_lstm.errors import UserError, exits_cleanly, one_line
 
 DEFAULT_MODEL = "models:/mnist-lstm@champion"
 DIGIT_BOX = 20  # MNIST digits fit a 20x20 box inside the 28x28 frame
@@ -43,7 +43,7 @@ def read_image(path: Path) -> np.ndarray:
             f"{path}: not an image Pillow can read (expected PNG, JPEG, ...)"
         ) from None
     except OSError as err:
-        raise ImageError(f"{path}: cannot read image ({err})") from None
+        raise ImageError(f"{path}: cannot read image ({one_line(err)})") from None
 
 
 def to_mnist(gray: np.ndarray, name: str = "image") -> np.ndarray:

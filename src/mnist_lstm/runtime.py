@@ -5,9 +5,9 @@ one reason: on its first import Keras tries `import sklearn` (for `keras.wrapper
 `import matplotlib.pyplot` (for `keras.visualization`), "just in case". Both are installed here
 (MLflow depends on them; `evaluate` draws its PNGs with matplotlib), so every process that
 imported Keras paid for two packages the pipeline never calls through Keras: 82 MiB resident and
-~0.9 s (docs/performance.md). Keras already treats both as optional and leaves those two helpers
-unusable when they are missing; this import hides them for exactly as long as Keras loads, so any
-later `import matplotlib.pyplot` -- evaluate's -- works as usual.
+~0.9 s (docs/performance-engineering.md). Keras already treats both as optional and leaves those
+two helpers unusable when they are missing; this import hides them for exactly as long as Keras
+loads, so any later `import matplotlib.pyplot` -- evaluate's -- works as usual.
 """
 
 from __future__ import annotations
@@ -55,8 +55,8 @@ def limit_malloc_arenas(arenas: int = 2, env: dict[str, str] | None = None) -> b
     tf.data threads allocate and free each batch's tensors in whichever arena they hold, and the
     freed memory stays mapped, scattered over all of them: the train stage's resident memory grew
     ~10 MiB per epoch for the first seven epochs (+80 MiB). Two arenas stop the growth with no
-    measurable cost in speed (docs/performance.md). A MALLOC_ARENA_MAX already set in the
-    environment wins; other C libraries (macOS, musl) are left alone.
+    measurable cost in speed (docs/performance-engineering.md). A MALLOC_ARENA_MAX already set in
+    the environment wins; other C libraries (macOS, musl) are left alone.
     """
     if "MALLOC_ARENA_MAX" in (os.environ if env is None else env):
         return False

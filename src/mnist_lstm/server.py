@@ -69,7 +69,9 @@ def _as_postgres(cmd: list[str]) -> list[str]:
 def _run(cmd: list[str], what: str, **kwargs) -> None:
     result = subprocess.run(cmd, capture_output=True, text=True, **kwargs)
     if result.returncode != 0:
-        detail = one_line(result.stderr or result.stdout or f"exit {result.returncode}", last=True)
+        detail = one_line(
+            result.stderr.strip() or result.stdout, last=True, default=f"exit {result.returncode}"
+        )
         raise UserError(f"{what} failed: {detail}")
 
 

@@ -13,11 +13,11 @@ uses to find it again.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import gc
 import sys
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +25,7 @@ import pandas as pd
 
 from mnist_lstm import contracts, devices, tracking
 from mnist_lstm.devices import Placement
-from mnist_lstm.errors import exits_cleanly, interrupts_held
+from mnist_lstm.errors import HeldInterrupts, exits_cleanly, interrupts_held
 from mnist_lstm.input_pipeline import VALIDATION_BATCH_SIZE, training_batches, validation_batches
 from mnist_lstm.keras_archive import save_model
 from mnist_lstm.model import build_model, compile_model
@@ -98,17 +98,24 @@ def training_datasets(
     ]
 
 
-class _StopOnInterrupt(keras.callbacks.Callback):
-    """Raises a held SIGINT/SIGTERM between steps (see errors.interrupts_held)."""
+class _Fitting(keras.callbacks.Callback):
+    """Marks where `fit` trains: a held SIGINT/SIGTERM is raised between steps (see
+    errors.interrupts_held) and, once fit ends, signals act at once again (saving and logging
+    are not held up). Records when fit ended."""
 
-    def __init__(self, check: Callable[[], None]) -> None:
+    def __init__(self, held: HeldInterrupts) -> None:
         super().__init__()
-        self._check = check
+        self._held = held
+        self.ended: float | None = None
 
     def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
-        self._check()
+        self._held()
 
-    on_test_batch_end = on_epoch_begin = on_epoch_end = on_train_end = on_train_batch_end
+    on_test_batch_end = on_epoch_begin = on_epoch_end = on_train_batch_end
+
+    def on_train_end(self, logs: dict | None = None) -> None:
+        self.ended = time.perf_counter()
+        self._held.release()
 
 
 def tune_process() -> None:
@@ -116,25 +123,11 @@ def tune_process() -> None:
     limit_malloc_arenas()
     # TensorFlow, Keras and MLflow leave ~400,000 Python objects that live as long as the
     # process. Frozen, the garbage collector stops walking them in every full collection during
-    # training and once more at exit (docs/performance.md).
+    # training and once more at exit (docs/performance-engineering.md).
     gc.freeze()
 
 
-class _Clock(keras.callbacks.Callback):
-    """How long `fit` trained (training and validation, without opening the run)."""
-
-    def on_train_begin(self, logs: dict | None = None) -> None:
-        self.started = self.stopped = time.perf_counter()
-
-    def on_train_end(self, logs: dict | None = None) -> None:
-        self.stopped = time.perf_counter()
-
-    @property
-    def seconds(self) -> float:
-        return self.stopped - self.started
-
-
-@dataclass
+@dataclasses.dataclass
 class Session:
     """What surrounds `fit`: the callbacks it takes, the run they log to (None on a host other
     than the chief, which writes nothing) and where training ran."""
@@ -143,7 +136,13 @@ class Session:
     run: tracking.RunWriter | None
     place: Placement
     processed_md5: str
-    clock: _Clock
+    fitting: _Fitting
+    started: float = dataclasses.field(default_factory=time.perf_counter)
+
+    @property
+    def seconds(self) -> float:
+        """How long `fit` took (training and validation), as timed around the call."""
+        return (self.fitting.ended or time.perf_counter()) - self.started
 
     def log_model(
         self, model: keras.Model, path: Path, md5: str, example: np.ndarray, epochs: int
@@ -155,7 +154,7 @@ class Session:
             # the saved file's model instead.
             model = keras.models.load_model(path, safe_mode=True)
         lineage = {tracking.TAG_PROCESSED_MD5: self.processed_md5, tracking.TAG_MODEL_MD5: md5}
-        tracking.log_training(self.run, model, path, example, lineage, self.clock.seconds, epochs)
+        tracking.log_training(self.run, model, path, example, lineage, self.seconds, epochs)
 
     def leave(self, epochs: int) -> int:
         """A host other than the chief: its part of every step is done; the chief writes."""
@@ -167,7 +166,7 @@ class Session:
         return 0
 
     def report(self, history: pd.DataFrame, path: Path) -> str:
-        seconds, epochs, cluster = self.clock.seconds, len(history), self.place.cluster
+        seconds, epochs, cluster = self.seconds, len(history), self.place.cluster
         return (
             f"train: {epochs} epochs on {self.place.replicas} device(s)"
             f"{f' across {cluster.size} hosts' if cluster else ''} in {seconds:.1f}s "
@@ -183,12 +182,12 @@ def training_session(
 ) -> Iterator[Session]:
     """One context for what surrounds `fit`. On the chief (every one-host run) the MLflow run opens
     first, so a store that is down fails before epoch 1, and ends FINISHED, FAILED or KILLED.
-    Across hosts a lost host ends it in one line. SIGINT/SIGTERM are held to between steps
-    (errors.interrupts_held): raised inside TensorFlow's own Python code they can corrupt its
-    state."""
+    While fit runs, SIGINT/SIGTERM are held to between steps (errors.interrupts_held: raised inside
+    TensorFlow's own Python code they can corrupt its state) and, across hosts, a lost host ends
+    it in one line."""
     with contextlib.ExitStack() as stack:
-        run, md5, clock = None, "", _Clock()
-        callbacks: list[keras.callbacks.Callback] = [clock]
+        run, md5 = None, ""
+        callbacks: list[keras.callbacks.Callback] = []
         if place.is_chief:
             tags = {
                 "train.cluster_size": place.cluster.size if place.cluster else 1,
@@ -201,9 +200,9 @@ def training_session(
             run = stack.enter_context(tracking.training_run(run_name(params), logged, tags))
             run.log_datasets(training_datasets(data_path, md5, data, params.tuning_split))
             callbacks.append(tracking.EpochMetrics(run))
-        stack.enter_context(place.failures())
-        callbacks.append(_StopOnInterrupt(stack.enter_context(interrupts_held())))
-        yield Session(callbacks, run, place, md5, clock)
+        fitting = _Fitting(stack.enter_context(interrupts_held()))
+        stack.enter_context(place.failures(while_fitting=lambda: fitting.ended is None))
+        yield Session([*callbacks, fitting], run, place, md5, fitting)
 
 
 def history_table(history: keras.callbacks.History) -> pd.DataFrame:

@@ -7,8 +7,8 @@
 //
 // Threads: the batch is cut into `shards` contiguous slices, each run single-threaded on its own
 // worker thread; weight gradients are summed in shard order. Measured on 2 cores
-// (docs/performance.md): two one-thread halves take half the time of one two-thread oneDNN call inside
-// TensorFlow, whose OpenMP team spins against TensorFlow's own threads. A fixed shard count (not
+// (docs/performance-engineering.md): two one-thread halves take half the time of one two-thread
+// oneDNN call inside TensorFlow, whose OpenMP team spins against TensorFlow's own threads. A fixed shard count (not
 // the machine's core count) keeps results identical from machine to machine.
 //
 // Built by `make install` (python -m mnist_lstm.onednn_build) against the venv's oneDNN, which

@@ -11,6 +11,7 @@ import numpy as np
 from mlflow.exceptions import MlflowException
 from mlflow.models import Model, infer_signature
 
+from mnist_lstm.errors import one_line
 from mnist_lstm.runtime import keras, tf
 from mnist_lstm.tracking.store import TrackingError, tracking_uri
 
@@ -70,4 +71,4 @@ def load_model(uri: str) -> keras.Model:
     except MlflowException as err:
         raise TrackingError(f"{uri}: cannot load from {tracking_uri()} ({err.message})") from None
     except OSError as err:
-        raise TrackingError(f"{uri}: cannot load from {tracking_uri()} ({err})") from None
+        raise TrackingError(f"{uri}: cannot load from {tracking_uri()} ({one_line(err)})") from None

@@ -3,7 +3,7 @@ spool (spool.py) once it does not; `make sync`, and every stage before it logs, 
 
 The interface the rest of tracking uses: `RunWriter` (every write of a run), `new_run`,
 `sync_first`, `claim_spooled_run`, `sync`, `waiting`, `spooled_run_ids`. Every write is an op
-(`apply` performs it), so a run synced after an outage holds what it would have held without one.
+(`_apply` performs it), so a run synced after an outage holds what it would have held without one.
 """
 
 from __future__ import annotations
@@ -70,7 +70,7 @@ def _dataset_entity(spec: dict[str, Any]) -> Dataset:
     )
 
 
-def apply(client: mlflow.MlflowClient, run_id: str, op: dict[str, Any], files: list[Path]) -> None:
+def _apply(client: mlflow.MlflowClient, run_id: str, op: dict[str, Any], files: list[Path]) -> None:
     """Perform one write on the store. The same code logs live and replays the spool, so a run
     synced after an outage holds what it would have held without one. Every op can be repeated
     without duplicating anything (an interrupted sync repeats at most one)."""
@@ -155,7 +155,7 @@ class RunWriter:
         files = files or []
         if self.spool is None:
             try:
-                apply(self.client, self.run_id, op, [source for source, _ in files])
+                _apply(self.client, self.run_id, op, [source for source, _ in files])
                 return
             except Exception as err:  # noqa: BLE001 - _defer re-raises what is not an outage
                 self._defer(err)
@@ -322,7 +322,7 @@ def _replay(deferred: spool.Spool, check: Callable[[], None]) -> tuple[str, int]
     sent = 0
     for op in deferred.unsynced():
         check()
-        apply(client, run_id, op, deferred.files_of(op))
+        _apply(client, run_id, op, deferred.files_of(op))
         deferred.mark_synced(run_id, op["seq"])
         sent += 1
     return run_id, sent

@@ -25,7 +25,9 @@ def champion() -> dict[str, Any] | None:
     except MlflowException as err:
         if err.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "NOT_FOUND"):
             return None
-        raise TrackingError(f"{tracking_uri()}: cannot read the registry ({err})") from None
+        raise TrackingError(
+            f"{tracking_uri()}: cannot read the registry ({one_line(err)})"
+        ) from None
     return {
         "version": str(version.version),
         "run_id": version.run_id,

@@ -1,7 +1,7 @@
 """The tracking spool: MLflow writes the store could not take yet, kept on disk, in order, until
 `make sync` (`python -m mnist_lstm.sync`) or the next pipeline run replays them.
 
-Hand-written machinery with no mlflow in it: tracking.py says what each op means and how it is
+Hand-written machinery with no mlflow in it: outage.py says what each op means and how it is
 replayed; this module keeps ops durable, ordered, replayed once, and safe to interrupt.
 
     <project>/.tracking-spool/<spool id>/
