@@ -86,8 +86,11 @@ def test_auto_falls_back_to_keras_and_says_why_and_what_it_costs(hidden_op):
     kernel, why = onednn_lstm.choose_kernel("auto")
     assert kernel == "keras"
     assert "\n" not in why
+    # No compiler either: the line says that `make install` cannot build it here, and why.
     assert (
-        "the oneDNN LSTM op is missing (not built); `make install` builds it" in why
+        "the oneDNN LSTM op is missing (not built); `make install` cannot build it here: "
+        "no C++ compiler on PATH"
+        in why
         or "Linux x86-64 only" in why
     )
     assert "slower per epoch" in why

@@ -154,8 +154,8 @@ def _tensorflow_flags(log_file) -> tuple[list[str], list[str]]:
 
 def current_library() -> Path:
     """The library built from the current source, for training to load; OpUnavailable saying why
-    (missing, or stale: built from another source) and that `make install` builds it when there is
-    none. Never compiles: a build belongs to `make install`, not to a `dvc repro` stage."""
+    (missing, or stale: built from another source) and whether `make install` can build it here.
+    Never compiles: a build belongs to `make install`, not to a `dvc repro` stage."""
     problem = platform_problem()
     if problem:
         raise OpUnavailable(problem)
@@ -163,10 +163,18 @@ def current_library() -> Path:
     built = built_hash(path)
     if built == source_hash():
         return path
-    if built is None:
-        raise OpUnavailable("the oneDNN LSTM op is missing (not built); `make install` builds it")
-    stale = f"the oneDNN LSTM op is stale (built from another {SOURCE.name})"
-    raise OpUnavailable(f"{stale}; `make install` rebuilds it")
+    state, verb = (
+        ("missing (not built)", "build")
+        if built is None
+        else (f"stale (built from another {SOURCE.name})", "rebuild")
+    )
+    problem = build_problem()
+    remedy = (
+        f"`make install` cannot {verb} it here: {problem}"
+        if problem
+        else f"`make install` {verb}s it"
+    )
+    raise OpUnavailable(f"the oneDNN LSTM op is {state}; {remedy}")
 
 
 @exits_cleanly
