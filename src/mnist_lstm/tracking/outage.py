@@ -44,6 +44,7 @@ from mnist_lstm.tracking.store import (
     offline,
     project_root,
     reason,
+    refusal,
     run_url,
     tracking_uri,
 )
@@ -120,7 +121,7 @@ def _replay_model(client: mlflow.MlflowClient, run_id: str, files: list[Path]) -
         client.finalize_logged_model(logged.model_id, LoggedModelStatus.FAILED)
     model_file, example_file = files
     model = keras.models.load_model(model_file, safe_mode=True)
-    log_model(model, np.load(example_file), run_id)
+    log_model(model, model_file, np.load(example_file), run_id)
 
 
 class RunWriter:
@@ -142,7 +143,7 @@ class RunWriter:
     def _defer(self, err: Exception) -> None:
         """From this write on, everything goes to a new spool; one line says so."""
         if not is_outage(err):
-            raise err
+            raise refusal(err, self.uri) or err
         self._why = reason(err)
         self.spool = spool.Spool.create(project_root(), self.uri, self.run_id)
         print(
@@ -187,7 +188,7 @@ class RunWriter:
         """The model as an MLflow model; spooled as the model file the stage wrote."""
         if self.spool is None:
             try:
-                log_model(model, input_example, self.run_id)
+                log_model(model, model_file, input_example, self.run_id)
                 return
             except Exception as err:  # noqa: BLE001 - _defer re-raises what is not an outage
                 self._defer(err)
@@ -245,6 +246,9 @@ def new_run(name: str, tags: dict[str, Any], create: dict[str, Any] | None = Non
             return RunWriter(run.info.run_id)
         except Exception as err:
             if not is_outage(err):
+                refused = refusal(err)
+                if refused:
+                    raise refused from None
                 raise
             why = reason(err)
     deferred = spool.Spool.create(project_root(), tracking_uri(), None, spec)
@@ -351,7 +355,10 @@ def sync(spools: list[spool.Spool] | None = None, say: Callable[[str], None] = p
                 run_id, _ = _replay(deferred, check)
             except (TrackingError, MlflowException, OSError) as err:
                 complete = False
-                if isinstance(err, TrackingError) or is_outage(err):
+                refused = err if isinstance(err, TrackingError) and err.refused else refusal(err)
+                if refused:
+                    say(f"run {deferred.display_id}: not synced: {refused}")
+                elif isinstance(err, TrackingError) or is_outage(err):
                     why = err.reason if isinstance(err, TrackingError) else reason(err)
                     say(
                         f"run {deferred.display_id}: not synced, {uri} does not answer "

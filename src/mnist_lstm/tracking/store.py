@@ -10,7 +10,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import time
+import urllib.parse
 from pathlib import Path
 
 # Set before mlflow is imported: it reads these once. The project must work fully offline.
@@ -25,6 +27,10 @@ os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "15")
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 # Our own lines say where a run is (or waits); MLflow's "View run at" would repeat it per stage.
 os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
+# MLflow hands `requests` the variable's text as `verify`: set but empty, it turns certificate
+# checking off (verify=""). Empty means unset here (test_access watches MLflow still does this).
+if os.environ.get("MLFLOW_TRACKING_SERVER_CERT_PATH", None) == "":
+    del os.environ["MLFLOW_TRACKING_SERVER_CERT_PATH"]
 # A store going down is reported once, in one line (RunWriter), not as a warning per HTTP retry.
 logging.getLogger("urllib3.connectionpool").setLevel(logging.ERROR)
 # ... nor as the traceback MLflow logs for a database error (sqlite locked past its timeout).
@@ -74,14 +80,40 @@ _OUTAGE_SIGNS = (
     (("RemoteDisconnected", "Connection aborted", "Connection reset"), "connection dropped"),
     (("503", "502", "504"), "server unavailable"),
 )
+# TLS failures are a setting to fix, never an outage to wait out: (sign, what the line says).
+_TLS_SIGNS = (
+    ("mismatch", "its TLS certificate is for another address"),
+    ("CERTIFICATE_VERIFY_FAILED", "its TLS certificate is not trusted here"),
+    ("WRONG_VERSION_NUMBER", "it does not speak HTTPS (is the URI http://?)"),
+    ("TLS CA certificate bundle", "MLFLOW_TRACKING_SERVER_CERT_PATH names no readable certificate"),
+    ("SSLError", "the TLS handshake failed"),
+)
+USERNAME_ENV = "MLFLOW_TRACKING_USERNAME"
+PASSWORD_ENV = "MLFLOW_TRACKING_PASSWORD"
+CERT_ENV = "MLFLOW_TRACKING_SERVER_CERT_PATH"
+# What a refused request was trying to do, by its REST endpoint, and which role may do it.
+_ACTIONS = (
+    ("runs/create", "create a run", "trainer"),
+    ("runs/", "write to a run", "trainer"),
+    ("logged-models", "log a model", "trainer"),
+    ("artifacts", "write an artifact", "trainer"),
+    ("experiments/create", "create an experiment", "admin"),
+    ("experiments/set-experiment-tag", "tag the experiment", "admin"),
+    ("registered-models/alias", "move a registered model's alias", "promoter"),
+    ("model-versions/create", "register a model version", "promoter"),
+    ("registered-models/create", "create a registered model", "admin"),
+    ("", "read", "reader"),
+)
 
 
 class TrackingError(UserError):
     """The MLflow store cannot be used; raised before any training starts."""
 
-    def __init__(self, message: str, reason: str = "") -> None:
+    def __init__(self, message: str, reason: str = "", refused: bool = False) -> None:
         super().__init__(message)
         self.reason = reason or message
+        # The server answered no (login, permission, TLS trust): waiting won't help.
+        self.refused = refused
 
 
 def project_root(cwd: Path | None = None) -> Path:
@@ -106,11 +138,65 @@ def offline() -> bool:
     return value == "offline"
 
 
+def tracking_uri_checked() -> str:
+    """The tracking URI, refused when it carries a password: it would land in logs and spools."""
+    uri = tracking_uri()
+    if urllib.parse.urlsplit(uri).password is not None:
+        raise UserError(
+            "MLFLOW_TRACKING_URI carries a user and password (user:pass@): they would land in "
+            f"logs and spools; remove them and set {USERNAME_ENV} and {PASSWORD_ENV} instead"
+        )
+    return uri
+
+
+def _tls_problem(err: BaseException) -> str | None:
+    text = str(err)
+    for sign, said in _TLS_SIGNS:
+        if sign in text:
+            return said
+    return None
+
+
 def is_outage(err: BaseException) -> bool:
-    """A failure of the store or the way to it (down, unreachable, locked past its timeout)."""
+    """A failure of the store or the way to it (down, unreachable, locked past its timeout) -- not
+    a refused login, a missing permission or an untrusted certificate, which waiting won't fix."""
+    if _tls_problem(err):
+        return False
     if isinstance(err, MlflowException):
         return err.error_code not in _CLIENT_ERRORS
     return isinstance(err, OSError)
+
+
+def refusal(err: BaseException, uri: str | None = None) -> TrackingError | None:
+    """One line for a request the server refused (login, permission, TLS); None for others."""
+    uri = uri or tracking_uri()
+    user = os.environ.get(USERNAME_ENV)
+    code = getattr(err, "error_code", None)
+    if code == "UNAUTHENTICATED":
+        if not user:
+            said = f"asks who you are (401); set {USERNAME_ENV} and {PASSWORD_ENV}"
+        else:
+            said = (
+                f"refused user {user!r} (401: wrong password or no such user); check "
+                f"{USERNAME_ENV} and {PASSWORD_ENV}"
+            )
+    elif code == "PERMISSION_DENIED":
+        endpoint = re.search(r"endpoint (\S+)", str(err))
+        path = endpoint.group(1) if endpoint else ""
+        action, role = next((a, r) for sign, a, r in _ACTIONS if sign in path)
+        who = f"user {user!r}" if user else "an anonymous client"
+        said = (
+            f"{who} may not {action} (403 permission denied); a {role} may: ask the server's "
+            "admin (team.yaml)"
+        )
+    elif tls := _tls_problem(err):
+        detail = re.search(r"\[SSL[^]]*\] ?(.+?)\.? \(_ssl", str(err))
+        said = f"{tls} ({detail.group(1).strip() if detail else reason(err)})"
+        if "trusted" in tls:
+            said += f"; set {CERT_ENV} to the server's CA certificate (`make server` prints it)"
+    else:
+        return None
+    return TrackingError(f"MLflow tracking URI {uri}: {said}", refused=True)
 
 
 def reason(err: BaseException) -> str:
@@ -136,7 +222,7 @@ def connect(attempts: int = 5, uri: str | None = None) -> str:
     Parallel `dvc exp` workers may race to create the sqlite schema or the experiment on a new
     store; such a collision is retried a few times instead of failing a run.
     """
-    uri = uri or tracking_uri()
+    uri = uri or tracking_uri_checked()
     mlflow.set_tracking_uri(uri)
     for attempt in range(attempts):
         try:
@@ -157,6 +243,9 @@ def connect(attempts: int = 5, uri: str | None = None) -> str:
             mlflow.set_experiment(experiment_id=experiment.experiment_id)
             return experiment.experiment_id
         except Exception as err:  # noqa: BLE001 - any failure here means the store is unusable
+            refused = refusal(err, uri)
+            if refused:
+                raise refused from None
             text = str(err)
             if attempt + 1 < attempts and ("locked" in text or "already exists" in text):
                 time.sleep(0.5 * (attempt + 1))

@@ -1,0 +1,5 @@
+import sys
+
+from mnist_lstm.server import main
+
+sys.exit(main())
