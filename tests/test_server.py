@@ -26,7 +26,7 @@ pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 def have_postgres() -> bool:
     from mnist_lstm.errors import UserError
-    from mnist_lstm.server import postgres_bin
+    from mnist_lstm.server.postgres import postgres_bin
 
     try:
         postgres_bin()
@@ -67,6 +67,8 @@ def server():
     )
     uri = (state / "uri").read_text().strip()
     assert f"MLflow tracking server: {uri}" in started.stdout
+    # On loopback it stays one person's server: no login, plain HTTP, and it says so.
+    assert uri.startswith("http://127.0.0.1:") and "no authentication" in started.stdout
     try:
         yield uri, state
     finally:
@@ -162,14 +164,43 @@ def test_make_serve_answers_with_the_champions_digits_for_real_holdout_images(se
     np.testing.assert_array_equal(logits.argmax(axis=1), labels)
 
 
-def test_without_postgresql_the_server_says_how_to_install_it(monkeypatch):
-    from mnist_lstm import server
-    from mnist_lstm.errors import UserError
+@needs_postgres
+def test_mlflow_logs_into_postgresql_as_a_role_that_owns_its_databases_and_nothing_else(server):
+    from mnist_lstm.server import postgres
 
-    monkeypatch.setattr(server.glob, "glob", lambda pattern: [])
-    monkeypatch.setattr(server.shutil, "which", lambda name: None)
+    uri, state = server
+    port = json.loads((state / "server.json").read_text())["pg_port"]
+    role = postgres.psql(
+        state,
+        port,
+        "SELECT rolsuper, rolcreatedb, rolcreaterole, rolreplication, rolbypassrls "
+        "FROM pg_roles WHERE rolname = 'mlflow';"
+        "SELECT datname FROM pg_database WHERE datdba = 'mlflow'::regrole ORDER BY 1;"
+        "SELECT count(*) FROM pg_roles WHERE rolsuper AND rolname <> current_user;",
+        "query",
+    ).split()
+    assert role == ["f|f|f|f|f", "mlflow", "mlflow_auth", "0"]
+    password = (state / "secrets" / "pg-password").read_text().strip()
+    env = {**os.environ, "PGPASSWORD": password}
+    psql = [str(postgres.postgres_bin() / "psql"), "-h", "127.0.0.1", "-p", str(port)]
+    psql += ["-U", "mlflow", "-tAc", "SELECT 1"]
+    assert subprocess.run([*psql, "-d", "mlflow"], env=env, capture_output=True).returncode == 0
+    refused = subprocess.run([*psql, "-d", "postgres"], env=env, capture_output=True, text=True)
+    assert refused.returncode != 0 and "permission denied" in refused.stderr
+    # Its password exists only in a file of the owner's, never on a command line or in the log.
+    assert oct((state / "secrets" / "pg-password").stat().st_mode & 0o777) == "0o600"
+    assert password not in (state / "mlflow.log").read_text()
+    assert password not in (state / "postgres.log").read_text()
+
+
+def test_without_postgresql_the_server_says_how_to_install_it(monkeypatch):
+    from mnist_lstm.errors import UserError
+    from mnist_lstm.server import postgres
+
+    monkeypatch.setattr(postgres.glob, "glob", lambda pattern: [])
+    monkeypatch.setattr(postgres.shutil, "which", lambda name: None)
     with pytest.raises(UserError, match="apt-get install postgresql"):
-        server.postgres_bin()
+        postgres.postgres_bin()
 
 
 def test_a_taken_port_is_refused_before_starting_anything(tmp_path):
@@ -187,7 +218,12 @@ def test_a_taken_port_is_refused_before_starting_anything(tmp_path):
     try:
         with pytest.raises(UserError, match="something already answers on http://127.0.0.1:"):
             server.start_mlflow(
-                tmp_path, "postgresql://unused", "127.0.0.1", busy.server_port, "x", 5
+                tmp_path,
+                server.postgres.Databases("postgresql://unused", "postgresql://unused"),
+                "127.0.0.1",
+                busy.server_port,
+                "x",
+                5,
             )
         assert not (tmp_path / "mlflow.pid").exists()
     finally:

@@ -1,8 +1,9 @@
 """A team on several machines: experiments run on two hosts meet on a third, over real links.
 
 Hosts are network namespaces on a virtual switch (tests/netlab.py). The services host runs what
-docs/team.md sets up: `make server SERVER_HOST=<its address>` (MLflow on PostgreSQL), a bare git
-repository and a DVC remote over SSH (Debian's OpenSSH server, key-based; DVC's `dvc-ssh` client).
+docs/team.md sets up: `make server SERVER_HOST=<its address>` (MLflow on PostgreSQL; off loopback
+with logins from team.yaml and HTTPS), a bare git repository and a DVC remote over SSH (Debian's
+OpenSSH server, key-based; DVC's `dvc-ssh` client).
 Every other host has its own HOME (its own key), its own clone, and reaches the services only
 through its link: a cut link or a blocked route is a real network failure.
 """
@@ -29,6 +30,14 @@ pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 SSHD = shutil.which("sshd") or "/usr/sbin/sshd"
 TIMEOUT = 600
+# The machines of the tests below, as team.yaml lists them on the services host.
+TEAM_FILE = {
+    "worker-a": "trainer",
+    "worker-b": "trainer",
+    "worker-c": "trainer",
+    "third": "reader",
+    "reader": "reader",
+}
 
 
 def _why_not() -> str | None:
@@ -102,10 +111,14 @@ class Team:
         )
         (home / ".gitconfig").write_text(f"[user]\n\tname = {name}\n\temail = {name}@team\n")
         env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_"))}
+        secrets = self.state / "mlflow" / "secrets"
         env.update(
             HOME=str(home),
             PATH=f"{BIN}{os.pathsep}{env['PATH']}",
             MLFLOW_TRACKING_URI=self.tracking_uri,
+            MLFLOW_TRACKING_SERVER_CERT_PATH=str(self.state / "mlflow" / "tls" / "ca.pem"),
+            MLFLOW_TRACKING_USERNAME=name,
+            MLFLOW_TRACKING_PASSWORD=(secrets / "users" / name).read_text().strip(),
             GIT_SSH_COMMAND="ssh -o BatchMode=yes",
         )
         self.lab.wait_reachable()
@@ -164,15 +177,19 @@ def team():
         dvc_dir.mkdir()
         env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
         env["PATH"] = f"{BIN}{os.pathsep}{env['PATH']}"
+        # The team as docs/team.md has it: each machine's user, one role each.
+        (root / "team.yaml").write_text(yaml.safe_dump({"users": TEAM_FILE}))
         server = [sys.executable, "-m", "mnist_lstm.server"]
         started = services.run(
-            [*server, "start", "--state", str(state / "mlflow"), "--host", services.address],
+            [*server, "start", "--state", str(state / "mlflow"), "--host", services.address,
+             "--team", str(root / "team.yaml")],
             cwd=REPO,
             env=env,
             timeout=TIMEOUT,
-        )
+        )  # fmt: skip
         assert started.returncode == 0, started.stdout + started.stderr
-        tracking_uri = f"http://{services.address}:5001"
+        # Off loopback: a login and HTTPS, without being asked.
+        tracking_uri = f"https://{services.address}:5001"
         assert f"MLflow tracking server: {tracking_uri}" in started.stdout
 
         # One teammate makes the repo: the project with the team's DVC remote committed.

@@ -36,6 +36,7 @@ from mnist_lstm.tracking.store import (
     connect,
     offline,
     project_root,
+    refusals,
     tracking_uri,
 )
 
@@ -70,6 +71,7 @@ __all__ = [
     "log_training",
     "offline",
     "project_root",
+    "refusals",
     "tracking_uri",
     "training_run",
 ]

@@ -13,6 +13,7 @@ import os
 import re
 import time
 import urllib.parse
+from collections.abc import Iterator
 from pathlib import Path
 
 # Set before mlflow is imported: it reads these once. The project must work fully offline.
@@ -197,6 +198,18 @@ def refusal(err: BaseException, uri: str | None = None) -> TrackingError | None:
     else:
         return None
     return TrackingError(f"MLflow tracking URI {uri}: {said}", refused=True)
+
+
+@contextlib.contextmanager
+def refusals(uri: str | None = None) -> Iterator[None]:
+    """Inside: a request the server refuses (login, permission, TLS) ends in its one line."""
+    try:
+        yield
+    except MlflowException as err:
+        refused = refusal(err, uri)
+        if refused:
+            raise refused from None
+        raise
 
 
 def reason(err: BaseException) -> str:
