@@ -124,6 +124,8 @@ def test_logged_model_reloads_with_signature_and_input_example(project, first_re
     import mlflow
     import tensorflow as tf
 
+    from mnist_lstm.contracts import md5_file
+
     root, _ = project
     mlflow.set_tracking_uri(f"sqlite:///{root / 'mlflow.db'}")
     _, experiment, runs = mlflow_runs(root)
@@ -133,6 +135,8 @@ def test_logged_model_reloads_with_signature_and_input_example(project, first_re
     assert len(models) == 1 and models[0].source_run_id == runs[0].info.run_id
     # Platform-neutral requirements: `tensorflow` (every platform), never `tensorflow-cpu`.
     local = Path(mlflow.artifacts.download_artifacts(models[0].model_uri))
+    # Its Keras archive is the very file DVC tracks: what `make promote` hashes against dvc.lock.
+    assert md5_file(local / "data" / "model.keras") == locked_model_md5(root)
     requirements = (local / "requirements.txt").read_text().split()
     assert requirements == [
         f"mlflow=={mlflow.__version__}",

@@ -28,7 +28,8 @@ def tiny_model() -> keras.Model:
     strict=True,
     raises=FileNotFoundError,
     reason="mlflow 3.17's keras flavor writes the input example before it creates the model "
-    "folder (tracking.models._KerasFlavor creates it first); when this passes, drop _KerasFlavor",
+    "folder (tracking.models._KerasFlavor creates it first); when this passes, _KerasFlavor "
+    "need not create it",
 )
 def test_mlflow_keras_save_model_with_an_input_example_still_fails_on_its_own(tmp_path):
     import mlflow

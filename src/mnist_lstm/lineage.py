@@ -112,19 +112,25 @@ def _read_lock(root: Path) -> dict[str, Any]:
     return yaml.safe_load(path.read_text()) or {}
 
 
-def workspace_run_id(root: Path) -> str:
-    """The newest run that trained the model file dvc.lock records for this workspace."""
+def workspace_runs(root: Path, max_results: int = 1) -> tuple[str, list[str]]:
+    """The md5 dvc.lock records for the model file and the runs (newest first) tagged with it:
+    the tag says which run trained it, though anyone who can log a run can copy it."""
     model_md5 = locked_hashes(_read_lock(root)).get(tracking.TAG_MODEL_MD5)
     if model_md5 is None:
         raise UserError(f"{root / 'dvc.lock'}: records no trained model yet; run `dvc repro` first")
     tracking.connect()
-    found = tracking.find_runs_by_model(model_md5)
+    found = tracking.find_runs_by_model(model_md5, max_results)
     if not found:
         raise UserError(
             f"no run in {tracking.tracking_uri()} trained the model dvc.lock records "
             f"(md5 {model_md5}); the store may be another clone's"
         )
-    return found[0]
+    return model_md5, found
+
+
+def workspace_run_id(root: Path) -> str:
+    """The newest run that trained the model file dvc.lock records for this workspace."""
+    return workspace_runs(root)[1][0]
 
 
 def report(
@@ -166,6 +172,7 @@ def report(
 
 
 @exits_cleanly
+@tracking.refusals()
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("ref", nargs="?", help="run id, models:/NAME/VERSION or models:/NAME@ALIAS")

@@ -8,13 +8,16 @@ cannot be read gets one `error:` line and the others are still predicted; the ex
 if any file failed.
 
 The model: `--model` (default `models:/mnist-lstm@champion` from MLFLOW_TRACKING_URI or the repo's
-store), or a local `.keras` file such as `models/model.keras`.
+store), or a local `.keras` file such as `models/model.keras`. An MLflow model is downloaded to a
+temporary folder and checked there before it loads: a registered version whose Keras file's md5
+is not the one recorded when it was registered is refused in one `error:` line.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -79,15 +82,25 @@ def to_mnist(gray: np.ndarray, name: str = "image") -> np.ndarray:
 
 
 def load_model(ref: str):
+    """A local `.keras` file as it is; an MLflow model downloaded and checked first (a registered
+    version's bytes against the md5 recorded when it was registered)."""
     if Path(ref).suffix == ".keras":
         import keras
 
         if not Path(ref).is_file():
             raise UserError(f"{ref}: no such model file")
         return keras.models.load_model(ref)
-    from mnist_lstm.tracking import models
+    from mnist_lstm.tracking import models, refusals, registry
 
-    return models.load_model(ref)
+    with tempfile.TemporaryDirectory(prefix="mnist-lstm-predict-") as scratch, refusals():
+        checked = registry.download_checked(ref, Path(scratch))
+        if checked.version is None:
+            print(
+                f"note: {ref} is not a registered model version: no recorded md5 to check its "
+                f"bytes against (md5 {checked.md5})",
+                file=sys.stderr,
+            )
+        return models.load_keras_file(checked.folder, checked.label)
 
 
 @exits_cleanly

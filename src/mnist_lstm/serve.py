@@ -1,0 +1,117 @@
+"""Serve a model over REST on loopback: `python -m mnist_lstm.serve [--model URI] [--port N]`
+(what `make serve` runs).
+
+Downloads the model (default `models:/mnist-lstm@champion`) into a temporary folder and checks it
+there -- a registered version's Keras file must still have the md5 recorded when it was registered,
+and its MLmodel must load that file through mlflow.keras alone -- then runs `mlflow models serve
+--env-manager local` on that checked copy: what is served is what was checked, whatever the
+artifact store holds meanwhile. A model that fails the check is refused in one `error:` line and
+nothing listens. Ctrl-C (or SIGTERM) stops the server and removes the copy.
+
+Loopback only: MLflow's scoring server has no authentication.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import psutil
+
+from mnist_lstm import tracking
+from mnist_lstm.errors import UserError, exits_cleanly
+from mnist_lstm.tracking import registry
+
+DEFAULT_MODEL = f"models:/{registry.REGISTERED_MODEL}@{registry.CHAMPION}"
+HOST = "127.0.0.1"
+STOP_SECONDS = 30  # how long the server gets to stop on SIGTERM before it is killed
+
+
+def serve_command(folder: Path, port: int) -> list[str]:
+    """MLflow's own scoring server on a local model folder, in this environment (no per-model
+    virtualenv to build, so it works offline)."""
+    cmd = [sys.executable, "-m", "mlflow", "models", "serve", "-m", str(folder)]
+    return cmd + ["--env-manager", "local", "--host", HOST, "--port", str(port)]
+
+
+def check_port_free(port: int) -> None:
+    with socket.socket() as sock:
+        # As uvicorn binds: a port whose last connections linger in TIME_WAIT is free.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((HOST, port))
+        except OSError as err:
+            raise UserError(
+                f"{HOST}:{port} cannot be used ({err.strerror}); choose another port "
+                "(SERVE_PORT=… make serve)"
+            ) from None
+
+
+def _stop(server: subprocess.Popen) -> None:
+    """The server and the workers it started (its own process group) stop, every one of them
+    before this returns (the CLI exits before its uvicorn worker); killed if they hang."""
+    try:
+        processes = [psutil.Process(server.pid), *psutil.Process(server.pid).children(True)]
+        os.killpg(server.pid, signal.SIGTERM)
+    except (psutil.NoSuchProcess, ProcessLookupError):
+        server.wait()
+        return
+    _, alive = psutil.wait_procs(processes, timeout=STOP_SECONDS)
+    for process in alive:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            process.kill()
+    server.wait()
+
+
+@exits_cleanly
+@tracking.refusals()
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default=DEFAULT_MODEL, help=f"default: {DEFAULT_MODEL}")
+    parser.add_argument("--port", type=int, default=5002)
+    args = parser.parse_args(argv)
+
+    check_port_free(args.port)
+    with tempfile.TemporaryDirectory(prefix="mnist-lstm-serve-") as scratch:
+        checked = registry.download_checked(args.model, Path(scratch))
+        if checked.version is None:
+            print(
+                f"serve: {checked.label} is not a registered model version: no recorded md5 to "
+                f"check its bytes against (md5 {checked.md5})"
+            )
+        else:
+            print(f"serve: {checked.label}: its bytes have the md5 recorded at registration")
+        print(
+            f"serve: starting on http://{HOST}:{args.port}/invocations; Ctrl-C stops it", flush=True
+        )
+        server = None
+        try:
+            # Its own process group: Ctrl-C in a terminal reaches this process only, which stops
+            # the server with its workers, then removes the checked copy.
+            server = subprocess.Popen(
+                serve_command(checked.folder, args.port), start_new_session=True
+            )
+            # Polled, not a blocking wait: exits_cleanly restarts interrupted system calls, and a
+            # restarted waitpid would leave Ctrl-C unheard until the server exits by itself.
+            while (status := server.poll()) is None:
+                time.sleep(0.5)
+        except KeyboardInterrupt:
+            if server is not None:
+                _stop(server)
+            print("serve: stopped")
+            return 0
+    if status != 0:
+        raise UserError(f"mlflow models serve exited with status {status} (its output is above)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
