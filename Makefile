@@ -20,7 +20,7 @@ export PATH := $(CURDIR)/$(BIN):$(PATH)
 # Never download a Python: use the one PYTHON names (uv says so in one line if it is too old).
 export UV_PYTHON_DOWNLOADS := never
 
-.PHONY: install run test test-all lint gate promote sweep tuned bench ui ui-check server server-stop serve lineage sync share worker lock lock-check clean-venv
+.PHONY: install run test test-all lint gate promote sweep tuned bench bench-server ui ui-check server server-stop server-team server-backup server-restore serve lineage sync share worker lock lock-check clean-venv
 
 $(UV):
 	$(PYTHON) -m venv $(TOOLS)
@@ -102,31 +102,59 @@ bench: install $(TORCH_VENV)/.installed
 	dvc repro normalize
 	python bench/run.py $(if $(ROUNDS),--rounds $(ROUNDS)) $(if $(EPOCHS),--epochs $(EPOCHS))
 
-# A shared tracking server: PostgreSQL (a cluster in .server/, loopback only) + `mlflow server`
-# with proxied artifacts (ARTIFACTS=s3://bucket/prefix to use object storage instead of
-# .server/artifacts). Prints the URI: `MLFLOW_TRACKING_URI=<it> make run`.
+# What a login and HTTPS cost a run: `dvc repro -f -s train` against a plain loopback server and
+# an auth+TLS one, interleaved (needs PostgreSQL; ~8 min). Writes bench/server_overhead.json.
+bench-server: install
+	dvc repro normalize
+	python bench/server_overhead.py $(if $(ROUNDS),--rounds $(ROUNDS))
+
+# The team's tracking server: PostgreSQL (a cluster in .server/, loopback only, MLflow's role owns
+# its databases and nothing else) + `mlflow server` with proxied artifacts (ARTIFACTS=<URL> to
+# store them elsewhere than .server/artifacts). Prints the URI: `MLFLOW_TRACKING_URI=<it> make run`.
+# Off loopback (SERVER_HOST=<this machine's address>, docs/team.md) it lets in only the team:
+# MLflow's basic-auth app (users from team.yaml) over HTTPS (a certificate from the state's own CA,
+# or TLS_CERT=/TLS_KEY= of your own). On loopback AUTH=1 and TLS=1 turn them on.
+# PLAIN_HTTP_SENDS_PASSWORDS_IN_CLEAR=1 serves plain HTTP off loopback: only on a network you trust.
 SERVER_PORT ?= 5001
-# SERVER_HOST=<this machine's address> serves a team's other machines (docs/team.md); PostgreSQL
-# stays on loopback either way.
 SERVER_HOST ?= 127.0.0.1
 PG_PORT ?= 5433
-# STATE=<dir> keeps the cluster, artifacts and logs there instead of .server/ (as root, a folder
-# the `postgres` user can enter: PostgreSQL refuses to run as root).
+# STATE=<dir> keeps the cluster, artifacts, secrets and logs there instead of .server/ (as root, a
+# folder the `postgres` user can enter: PostgreSQL refuses to run as root).
+TEAM ?= team.yaml
+SERVER_STATE = $(if $(STATE),--state $(STATE))
 server: install
 	python -m mnist_lstm.server start --host $(SERVER_HOST) --port $(SERVER_PORT) --pg-port $(PG_PORT) \
-		$(if $(STATE),--state $(STATE)) $(if $(ARTIFACTS),--artifacts-destination $(ARTIFACTS))
+		$(SERVER_STATE) --team $(TEAM) $(if $(ARTIFACTS),--artifacts-destination $(ARTIFACTS)) \
+		$(if $(AUTH),--auth) $(if $(TLS),--tls) $(if $(TLS_CERT),--tls-cert $(TLS_CERT)) \
+		$(if $(TLS_KEY),--tls-key $(TLS_KEY)) \
+		$(if $(PLAIN_HTTP_SENDS_PASSWORDS_IN_CLEAR),--plain-http-sends-passwords-in-clear)
 
 server-stop: install
-	python -m mnist_lstm.server stop $(if $(STATE),--state $(STATE))
+	python -m mnist_lstm.server stop $(SERVER_STATE)
+
+# Makes the running server's users exactly team.yaml's (new ones get a password file in
+# <state>/secrets/users/; users no longer listed are removed). `make server` does it at start too.
+server-team: install
+	python -m mnist_lstm.server team $(SERVER_STATE) --team $(TEAM)
+
+# TO=<new dir>: pg_dump of runs, registry, users and permissions, the artifacts, the secrets and
+# CA; FROM=<backup> [STATE=<new dir>] restores one into a fresh state folder (docs/team.md).
+server-backup: install
+	python -m mnist_lstm.server backup $(SERVER_STATE) $(if $(TO),--to '$(TO)')
+
+server-restore: install
+	python -m mnist_lstm.server restore $(SERVER_STATE) $(if $(FROM),--from '$(FROM)') --pg-port $(PG_PORT)
 
 # Serves models:/mnist-lstm@champion (or MODEL=<uri>) over REST on 127.0.0.1:SERVE_PORT, in this
 # environment (no per-model virtualenv to build, so it works offline). Uses MLFLOW_TRACKING_URI
-# when set, else the repo's store. POST to /invocations; Ctrl-C stops it.
+# when set, else the repo's store. The model is downloaded to a temporary folder and served from
+# there only if a registered version's bytes have the md5 recorded when it was registered
+# (docs/serving.md). POST to /invocations; Ctrl-C stops it.
 SERVE_PORT ?= 5002
 MODEL ?= models:/mnist-lstm@champion
 serve: install
 	MLFLOW_TRACKING_URI=$${MLFLOW_TRACKING_URI:-sqlite:///$(CURDIR)/mlflow.db} \
-		mlflow models serve -m '$(MODEL)' --env-manager local --host 127.0.0.1 --port $(SERVE_PORT)
+		python -m mnist_lstm.serve --model '$(MODEL)' --port $(SERVE_PORT)
 
 # The MLflow UI on the repo's store (STORE=<path to an mlflow.db> for another one), opened on the
 # experiment's training runs.

@@ -144,9 +144,9 @@ def test_make_serve_answers_with_the_champions_digits_for_real_holdout_images(se
     uri, _ = server
     root, env, _ = promoted
     port = free_port()
-    # The command `make serve` runs, against the shared registry.
-    serve = ["mlflow", "models", "serve", "-m", "models:/mnist-lstm@champion"]
-    serve += ["--env-manager", "local", "--host", "127.0.0.1", "--port", str(port)]
+    # The command `make serve` runs, against the shared registry: the champion downloaded,
+    # its bytes checked against the md5 recorded at promotion, then served.
+    serve = ["python", "-m", "mnist_lstm.serve", "--port", str(port)]
     with http_service(serve, root, env, f"http://127.0.0.1:{port}/ping"):
         with np.load(root / "data" / "processed" / "mnist.npz") as data:
             x, labels = data["x_holdout"], data["y_holdout"]
