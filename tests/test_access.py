@@ -180,7 +180,56 @@ def test_an_outsider_without_credentials_reads_and_writes_nothing(server):
     # A made-up user and a wrong password are refused the same way.
     for user, password in (("nobody-x", "a" * 16), ("reader-r", "wrong-password-1")):
         env = server.client_env(user, MLFLOW_TRACKING_PASSWORD=password)
-        assert request(outsider, env, "GET", api(server, "experiments/search"))["status"] == 401
+        assert (
+            request(
+                outsider,
+                env,
+                "GET",
+                api(server, "experiments/get-by-name?experiment_name=mnist-lstm"),
+            )["status"]
+            == 401
+        )
+
+
+def test_the_team_file_applies_twice_alike_and_a_removed_user_is_let_in_no_more(server):
+    import time
+
+    from mnist_lstm.server import AUTH_CACHE_SECONDS
+
+    host = server.lab.host("newcomer")
+    server.lab.wait_reachable()
+    team_file = server.root / "team.yaml"
+    original = team_file.read_text()
+    try:
+        team_file.write_text(yaml.safe_dump({"users": {**TEAM, "temp-user": "reader"}}))
+        added = server.server("team", "--team", "team.yaml")
+        assert "user temp-user (reader) created" in added.stdout, added.stdout + added.stderr
+        again = server.server("team", "--team", "team.yaml")
+        assert "already match" in again.stdout, again.stdout + again.stderr
+        env = server.client_env("temp-user")
+        assert (
+            request(
+                host, env, "GET", api(server, "experiments/get-by-name?experiment_name=mnist-lstm")
+            )["status"]
+            == 200
+        )
+        team_file.write_text(original)
+        removed = server.server("team", "--team", "team.yaml")
+        assert "user temp-user removed" in removed.stdout, removed.stdout + removed.stderr
+        assert not (server.state / "secrets" / "users" / "temp-user").exists()
+        # A worker that checked the password moments ago may remember it that long (docs/team.md).
+        deadline = time.monotonic() + AUTH_CACHE_SECONDS + 5
+        while (
+            request(
+                host, env, "GET", api(server, "experiments/get-by-name?experiment_name=mnist-lstm")
+            )["status"]
+            != 401
+        ):
+            assert time.monotonic() < deadline, "a removed user is still let in"
+            time.sleep(1)
+    finally:
+        team_file.write_text(original)
+        server.server("team", "--team", "team.yaml")
 
 
 def test_roles_decide_who_logs_and_who_promotes(server, project):
@@ -357,7 +406,12 @@ def test_backup_then_restore_into_a_wiped_state_brings_everything_back(server, p
     assert after == before
     # Teammates keep their settings: the same CA, the same passwords.
     assert server.ca.read_bytes() == ca
-    reader = request(host, server.client_env("reader-r"), "GET", api(server, "experiments/search"))
+    reader = request(
+        host,
+        server.client_env("reader-r"),
+        "GET",
+        api(server, "experiments/get-by-name?experiment_name=mnist-lstm"),
+    )
     assert reader["status"] == 200
     # A restore never overwrites a server.
     again = server.server("restore", "--from", str(backup))
@@ -405,3 +459,54 @@ def test_no_password_lands_in_spools_logs_runs_or_the_lock(server, project):
     texts["outputs"] = (offline.stdout + offline.stderr + synced.stdout + synced.stderr).encode()
     found = [(where, s) for where, text in texts.items() for s in secrets if s.encode() in text]
     assert not found, [where for where, _ in found]
+
+
+# Run inside a host as a trainer: overwrite the champion's Keras file through the server's
+# artifact proxy (the attack the issue names), with the bytes given on stdin; print the status.
+_OVERWRITE = """
+import os, sys
+import mlflow
+from mlflow.utils.credentials import get_default_host_creds
+from mlflow.utils.rest_utils import http_request
+
+uri = os.environ["MLFLOW_TRACKING_URI"]
+client = mlflow.MlflowClient(uri)
+version = client.get_model_version_by_alias("mnist-lstm", "champion")
+logged = client.get_logged_model(version.source.removeprefix("models:/"))
+path = logged.artifact_location.removeprefix("mlflow-artifacts:/") + "/data/model.keras"
+creds = get_default_host_creds(uri)
+answer = http_request(
+    creds, f"/api/2.0/mlflow-artifacts/artifacts/{path}", "PUT", data=sys.stdin.buffer.read()
+)
+print(answer.status_code)
+"""
+
+
+def test_a_champion_overwritten_through_the_artifact_proxy_is_refused(server, project):
+    import numpy as np
+    from PIL import Image
+
+    root, env = project
+    host = server.lab.host("attacker")
+    server.lab.wait_reachable()
+    ensure_champion(server, project, host)
+    with np.load(root / "data" / "processed" / "mnist.npz") as data:
+        digit = data["x_holdout"][0]
+    png = root / "digit.png"
+    Image.fromarray((digit * 255).astype(np.uint8)).save(png)
+    reader = {**env, **server.client_env("reader-r")}
+    predict = ["python", "-m", "mnist_lstm.predict", str(png)]
+    genuine = host.run(predict, cwd=root, env=reader, timeout=TIMEOUT)
+    assert genuine.returncode == 0 and re.match(r".*: \d \(confidence", genuine.stdout), genuine
+
+    # A trainer may write the experiment's artifacts, so the proxy takes the other bytes.
+    other = (root / "models" / "model.keras").read_bytes()[::-1]
+    trainer = server.client_env("trainer-t")
+    written = host.run(
+        [sys.executable, "-c", _OVERWRITE], input=other, env=trainer, timeout=TIMEOUT, text=False
+    )
+    assert written.returncode == 0 and written.stdout.strip() == b"200", written.stderr
+    refused = host.run(predict, cwd=root, env=reader, timeout=TIMEOUT)
+    line = error_line(refused)
+    assert "differ from the md5 recorded when it was registered" in line, line
+    assert refused.stdout == ""
