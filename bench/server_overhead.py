@@ -93,7 +93,7 @@ def main() -> int:
     )
     result = {
         "date": time.strftime("%Y-%m-%d"),
-        "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.processor() or ''}",
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores",
         "python": sys.version.split()[0],
         "seconds": seconds,
         "medians": medians,
