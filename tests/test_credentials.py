@@ -167,3 +167,19 @@ def test_mlflow_still_turns_an_empty_cert_path_into_no_verification():
         timeout=300,
     )
     assert result.stdout.strip() == "False", result.stderr
+
+
+def test_a_wrong_team_file_stops_make_server_before_anything_starts(tmp_path):
+    (tmp_path / "team.yaml").write_text("users:\n  alice: boss\n")
+    state = tmp_path / "state"
+    result = subprocess.run(
+        [str(BIN / "python"), "-m", "mnist_lstm.server", "start", "--auth", "--state", str(state)],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert _error(result) == (
+        "error: team.yaml: user alice: role must be one of reader, trainer, promoter, got 'boss'"
+    )
+    assert not state.exists()  # no cluster, no server, no secrets

@@ -189,6 +189,8 @@ def _start(args: argparse.Namespace) -> list[str]:
     state, host = args.state, args.host
     exposed = not is_loopback(host)
     auth = args.auth or exposed
+    if auth:
+        team.read(args.team)  # a mistake in the team file stops it before anything starts
     certificate = _certificate(args, host)
     state.mkdir(parents=True, exist_ok=True)
     artifacts = args.artifacts_destination or str(state / "artifacts")
