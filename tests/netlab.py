@@ -67,7 +67,11 @@ class Host:
     def command(self, cmd: list[str]) -> list[str]:
         if self.ssh_dir is None:
             return ["ip", "netns", "exec", self.netns, *cmd]
-        account_ssh = Path.home() / ".ssh"
+        import pwd  # Linux only, as network namespaces are
+
+        # The account's home from the user database, as OpenSSH finds it (not $HOME, which a
+        # test run may point elsewhere).
+        account_ssh = Path(pwd.getpwuid(os.getuid()).pw_dir) / ".ssh"
         account_ssh.mkdir(mode=0o700, exist_ok=True)  # the mount point
         mount = f'mount --bind "$0" {account_ssh} && exec "$@"'
         return [
