@@ -254,3 +254,17 @@ CI_DIR = REPO / ".ci"
 def without_compiler(cmd: list[str]) -> list[str]:
     """`cmd` run with no C/C++ compiler on PATH (.ci/without-compiler)."""
     return [str(CI_DIR / "without-compiler"), *cmd]
+
+
+def invoke(port: int, x: np.ndarray) -> np.ndarray:
+    """The logits `make serve` on 127.0.0.1:`port` answers for images `x` (POST /invocations)."""
+    import json
+    import urllib.request
+
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{port}/invocations",
+        data=json.dumps({"inputs": x.tolist()}).encode(),
+        headers={"Content-Type": "application/json"},
+    )
+    with urllib.request.urlopen(request, timeout=60) as response:
+        return np.array(json.load(response)["predictions"])

@@ -8,7 +8,6 @@ The fast tests log tiny models into a sqlite store in-process; the slow ones run
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import signal
 import subprocess
@@ -26,7 +25,14 @@ import pytest
 import yaml
 from PIL import Image
 
-from conftest import commit, free_port, locked_model_md5, make_promotable_project, run
+from conftest import (
+    commit,
+    free_port,
+    invoke,
+    locked_model_md5,
+    make_promotable_project,
+    run,
+)
 
 CHAMPION = "models:/mnist-lstm@champion"
 EXAMPLE = np.zeros((2, 28, 28), np.float32)
@@ -350,13 +356,7 @@ def test_the_genuine_champion_serves_and_predicts_then_stops_on_ctrl_c(project, 
             time.sleep(0.5)
         with np.load(root / "data" / "processed" / "mnist.npz") as data:
             x = data["x_holdout"]
-        request = urllib.request.Request(
-            f"http://127.0.0.1:{port}/invocations",
-            data=json.dumps({"inputs": x.tolist()}).encode(),
-            headers={"Content-Type": "application/json"},
-        )
-        with urllib.request.urlopen(request, timeout=60) as response:
-            logits = np.array(json.load(response)["predictions"])
+        logits = invoke(port, x)
         holdout = pd.read_csv(root / "reports" / "holdout_predictions.csv")
         np.testing.assert_array_equal(logits.argmax(axis=1), holdout["prediction"])
         os.killpg(serve.pid, signal.SIGINT)  # Ctrl-C in the terminal: its foreground group

@@ -19,7 +19,15 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from conftest import BIN, free_port, http_service, locked_model_md5, make_promotable_project, run
+from conftest import (
+    BIN,
+    free_port,
+    http_service,
+    invoke,
+    locked_model_md5,
+    make_promotable_project,
+    run,
+)
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -150,13 +158,7 @@ def test_make_serve_answers_with_the_champions_digits_for_real_holdout_images(se
     with http_service(serve, root, env, f"http://127.0.0.1:{port}/ping"):
         with np.load(root / "data" / "processed" / "mnist.npz") as data:
             x, labels = data["x_holdout"], data["y_holdout"]
-        request = urllib.request.Request(
-            f"http://127.0.0.1:{port}/invocations",
-            data=json.dumps({"inputs": x.tolist()}).encode(),
-            headers={"Content-Type": "application/json"},
-        )
-        with urllib.request.urlopen(request, timeout=60) as response:
-            logits = np.array(json.load(response)["predictions"])
+        logits = invoke(port, x)
     assert logits.shape == (len(labels), 10)
     holdout = pd.read_csv(root / "reports" / "holdout_predictions.csv")
     # The served champion answers what evaluate predicted, and that is the right digit.

@@ -38,7 +38,6 @@ from pathlib import Path
 
 from mnist_lstm.errors import UserError, exits_cleanly
 from mnist_lstm.server import credentials, postgres, team, tls
-from mnist_lstm.server.postgres import postgres_bin  # noqa: F401 - the check tests and docs name
 
 ADMIN = "admin"
 AUTH_CACHE_SECONDS = 10

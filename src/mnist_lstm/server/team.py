@@ -12,7 +12,6 @@ each to its owner, who exports it as MLFLOW_TRACKING_PASSWORD.
 
 from __future__ import annotations
 
-import os
 import re
 from pathlib import Path
 
@@ -50,10 +49,6 @@ def read(path: Path) -> dict[str, str]:
     return dict(users)
 
 
-def _new_password(path: Path) -> str:
-    return credentials.generated(path)
-
-
 def apply(state: Path, team_file: Path) -> list[str]:
     """Make the running server's users exactly the team file's; one line per change."""
     from mnist_lstm.server import settings
@@ -72,15 +67,5 @@ def apply(state: Path, team_file: Path) -> list[str]:
     passwords = secrets / "users"
     passwords.mkdir(mode=0o700, exist_ok=True)
     admin_password = (secrets / "admin-password").read_text().strip()
-    trust = recorded["trust"]
-    saved = os.environ.get("MLFLOW_TRACKING_SERVER_CERT_PATH")
-    if trust:
-        os.environ["MLFLOW_TRACKING_SERVER_CERT_PATH"] = trust
-    try:
-        with access.signed_in(access.ADMIN, admin_password):
-            return access.apply_team(recorded["uri"], members, passwords, _new_password)
-    finally:
-        if saved is None:
-            os.environ.pop("MLFLOW_TRACKING_SERVER_CERT_PATH", None)
-        else:
-            os.environ["MLFLOW_TRACKING_SERVER_CERT_PATH"] = saved
+    with access.signed_in(access.ADMIN, admin_password, recorded["trust"]):
+        return access.apply_team(recorded["uri"], members, passwords, credentials.generated)

@@ -19,7 +19,14 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
-from mnist_lstm.tracking.store import TrackingError, connect, reason
+from mnist_lstm.tracking.store import (
+    CERT_ENV,
+    PASSWORD_ENV,
+    USERNAME_ENV,
+    TrackingError,
+    connect,
+    reason,
+)
 
 # isort: split
 import mlflow
@@ -40,15 +47,16 @@ ROLES = {
     "trainer": ("EDIT", "READ"),
     "promoter": ("EDIT", "EDIT"),
 }
-USERNAME_ENV = "MLFLOW_TRACKING_USERNAME"
-PASSWORD_ENV = "MLFLOW_TRACKING_PASSWORD"
 
 
 @contextlib.contextmanager
-def signed_in(username: str, password: str) -> Iterator[None]:
-    """MLflow's client reads its credentials from the environment on every request."""
-    saved = {k: os.environ.get(k) for k in (USERNAME_ENV, PASSWORD_ENV)}
-    os.environ[USERNAME_ENV], os.environ[PASSWORD_ENV] = username, password
+def signed_in(username: str, password: str, trust: str | None = None) -> Iterator[None]:
+    """MLflow's client reads its credentials (and the CA to trust) from the environment on every
+    request."""
+    given = {USERNAME_ENV: username, PASSWORD_ENV: password, CERT_ENV: trust}
+    given = {key: value for key, value in given.items() if value}
+    saved = {key: os.environ.get(key) for key in given}
+    os.environ.update(given)
     try:
         yield
     finally:
