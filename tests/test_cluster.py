@@ -1,4 +1,5 @@
-"""TF_CONFIG, TensorFlow's cluster spec: which hosts train together and which one writes."""
+"""TF_CONFIG, TensorFlow's cluster spec: which hosts train together, which one writes, and how
+they are told apart when they disagree, get lost or never come."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import json
 
 import pytest
 
-from mnist_lstm.distributed import Cluster, cluster_from
+from mnist_lstm.cluster import Cluster, cluster_from
 from mnist_lstm.errors import UserError
 
 HOSTS = ["10.0.0.2:2222", "10.0.0.3:2222", "10.0.0.4:2222"]
@@ -114,3 +115,103 @@ def test_make_worker_runs_the_train_stage_command():
     lines = recipe.group(1).replace("\\\n", " ").splitlines()
     assert [line.strip() for line in lines][0] == "dvc repro normalize"
     assert shlex.split(lines[1]) == shlex.split(stage)
+
+
+def test_any_other_tensorflow_error_while_fitting_is_what_it_is():
+    """Only a host going away (Unavailable, Aborted, Cancelled, DeadlineExceeded) is a lost host:
+    a shape mismatch between hosts, say, is not reported as one."""
+    from mnist_lstm.distributed import cluster_failures
+    from mnist_lstm.runtime import tf
+
+    cluster = Cluster(hosts=tuple(HOSTS[:2]), rank=0, workers=2)
+    with pytest.raises(tf.errors.InvalidArgumentError):
+        with cluster_failures(cluster, while_fitting=lambda: True):
+            raise tf.errors.InvalidArgumentError(None, None, "Shape mismatch in the collective")
+    for lost in (tf.errors.AbortedError, tf.errors.CancelledError, tf.errors.DeadlineExceededError):
+        with pytest.raises(UserError, match="host 1 .* refused the connection"):
+            with cluster_failures(cluster, while_fitting=lambda: True):
+                raise lost(None, None, REFUSED)
+
+
+def tables_of(*fingerprints: dict[str, str]):
+    from mnist_lstm.distributed import _digest
+
+    def table(found):
+        return {tuple(_digest(k)): tuple(_digest(v)) for k, v in found.items()}
+
+    return [table(found) for found in fingerprints]
+
+
+def test_hosts_agree_or_the_first_that_differs_is_named_with_its_keys():
+    from mnist_lstm.cluster import disagreement
+    from mnist_lstm.distributed import _digest
+
+    cluster = Cluster(hosts=tuple(HOSTS), rank=2, workers=3)
+    mine = {"train.learning_rate": "0.01", "train.units": "64", "the processed data": "abc"}
+    names = {tuple(_digest(key)): key for key in mine}
+    assert disagreement(cluster, names, tables_of(mine, mine, mine)) is None
+
+    other = {**mine, "train.learning_rate": "0.5", "train.units": "128"}
+    line = disagreement(cluster, names, tables_of(mine, mine, other))
+    assert line == (
+        "training across 3 hosts: host 2 (10.0.0.4:2222) differs from the chief "
+        "(host 0 (10.0.0.2:2222)) in train.learning_rate, train.units; every host needs the same "
+        "commit, params and data (set params in params.yaml and commit, not `-S` on one host): "
+        "nothing was trained"
+    )
+    # A key this host does not have (another version of the code): said so, not hidden.
+    extra = {**mine, "src/mnist_lstm/new.py": "def"}
+    assert "in a key only one of them has;" in disagreement(
+        cluster, names, tables_of(mine, extra, mine)
+    )
+
+
+def test_hosts_that_never_came_are_named_and_the_run_cache_is_suspected_for_the_chief():
+    from mnist_lstm.cluster import absent, never_came
+
+    worker = Cluster(hosts=("127.0.0.1:1", "127.0.0.1:2"), rank=1, workers=2)
+    assert absent(worker) == [0]  # nothing listens on port 1
+    line = never_came(worker, 15, [0])
+    assert line.startswith(
+        "training across 2 hosts: host 0 (127.0.0.1:1) never came within 15 s "
+        "(MNIST_LSTM_CLUSTER_TIMEOUT); nothing was trained or written"
+    )
+    assert "restored train from DVC's run-cache" in line
+    chief = Cluster(hosts=("127.0.0.1:1", "127.0.0.1:2"), rank=0, workers=2)
+    assert "host 1 (127.0.0.1:2) never came" in never_came(chief, 15, [1])
+    assert "run-cache" not in never_came(chief, 15, [1])
+
+
+@pytest.mark.parametrize("raw", ["soon", "0", "-5", "inf"])
+def test_a_bad_cluster_timeout_is_one_line(raw):
+    from mnist_lstm.cluster import cluster_timeout
+
+    assert cluster_timeout({}) == 300
+    assert cluster_timeout({"MNIST_LSTM_CLUSTER_TIMEOUT": "20"}) == 20
+    with pytest.raises(UserError, match="MNIST_LSTM_CLUSTER_TIMEOUT must be a number of seconds"):
+        cluster_timeout({"MNIST_LSTM_CLUSTER_TIMEOUT": raw})
+
+
+def test_the_fingerprint_holds_every_train_param_the_data_and_trains_code(tmp_path):
+    from conftest import REPO, default_params
+    from mnist_lstm.distributed import fingerprint
+    from mnist_lstm.params import TrainParams
+
+    params = TrainParams.model_validate(default_params()["train"])
+    data = tmp_path / "mnist.npz"
+    data.write_bytes(b"data")
+    found = fingerprint(params, data, REPO / "dvc.yaml")
+    assert found["train.learning_rate"] == "0.01" and found["train.hosts"] == "1"
+    assert found["the processed data"] == "8d777f385d3dfec8815d20f7496026dc"
+    assert {"src/mnist_lstm/train.py", "src/mnist_lstm/model.py"} <= set(found)
+
+
+def test_more_hosts_in_params_than_tf_config_names_is_one_line(monkeypatch):
+    from conftest import default_params
+    from mnist_lstm import devices
+    from mnist_lstm.params import TrainParams
+
+    monkeypatch.delenv("TF_CONFIG", raising=False)
+    params = TrainParams.model_validate({**default_params()["train"], "hosts": 2})
+    with pytest.raises(UserError, match="train.hosts is 2 but TF_CONFIG names no cluster"):
+        devices.place(params)

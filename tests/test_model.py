@@ -21,6 +21,7 @@ TUTORIAL = TrainParams(
     augment_shift=0,
     tuning_split=0,
     distribute="auto",
+    hosts=1,
     lstm_kernel="auto",
 )
 

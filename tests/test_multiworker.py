@@ -51,13 +51,37 @@ def lab():
         yield hosts
 
 
-def two_copies(tmp_path: Path, epochs: int) -> list[tuple[Path, dict[str, str]]]:
-    """The same project (params, data) on each host, its data prepared."""
+def two_copies(
+    tmp_path: Path, epochs: int, worker: dict | None = None, hosts: int = 2
+) -> list[tuple[Path, dict[str, str]]]:
+    """The same project (params, data) on each host, `worker` params overriding the worker's;
+    both log to one store (the chief's), so a run the worker logged would show there."""
     copies = []
-    for name in ("chief", "worker"):
-        root, env = make_project(tmp_path / name, **{**LEARNS, "train__epochs": epochs})
+    for name, overrides in (("chief", {}), ("worker", worker or {})):
+        params = {**LEARNS, "train__epochs": epochs, "train__hosts": hosts, **overrides}
+        root, env = make_project(tmp_path / name, **params)
         copies.append((root, env))
+    store = f"sqlite:///{copies[0][0] / 'mlflow.db'}"
+    for _, env in copies:
+        env["MLFLOW_TRACKING_URI"] = store
     return copies
+
+
+def start_worker(lab, root: Path, env: dict[str, str], log: Path, **extra_env):
+    """The worker's side as docs/team.md runs it: `dvc repro normalize`, then train's command."""
+    run(["dvc", "repro", "normalize"], root, env)
+    with log.open("w") as out:
+        return lab[1].popen(
+            WORKER_CMD,
+            cwd=root,
+            env={**env, "TF_CONFIG": tf_config(lab, 1), **extra_env},
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+
+
+def error_lines(text: str) -> list[str]:
+    return [line for line in text.splitlines() if line.startswith("error: ")]
 
 
 def only_run(root: Path):
@@ -65,21 +89,12 @@ def only_run(root: Path):
 
     client = mlflow.MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
     experiment = client.get_experiment_by_name("mnist-lstm")
-    return client.search_runs([experiment.experiment_id])
+    return client.search_runs([experiment.experiment_id]) if experiment else []
 
 
 def test_two_hosts_train_one_model_within_tolerance_of_one_host(lab, tmp_path):
     (chief_root, chief_env), (worker_root, worker_env) = two_copies(tmp_path, EPOCHS)
-    run(["dvc", "repro", "normalize"], worker_root, worker_env)
-    worker_log = (tmp_path / "worker.log").open("w+")
-    worker = lab[1].popen(
-        WORKER_CMD,
-        cwd=worker_root,
-        env={**worker_env, "TF_CONFIG": tf_config(lab, 1)},
-        stdout=worker_log,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+    worker = start_worker(lab, worker_root, worker_env, tmp_path / "worker.log")
     chief = lab[0].run(
         ["dvc", "repro"],
         cwd=chief_root,
@@ -88,15 +103,24 @@ def test_two_hosts_train_one_model_within_tolerance_of_one_host(lab, tmp_path):
     )
     assert chief.returncode == 0, chief.stdout + chief.stderr
     assert worker.wait(timeout=120) == 0
-    worker_log.seek(0)
-    said = worker_log.read()
+    said = (tmp_path / "worker.log").read_text()
     assert f"train: host 1 ({lab[1].address}:{PORT}), {EPOCHS} epochs done" in said, said
     assert "epochs on 2 device(s) across 2 hosts" in chief.stdout
     # The worker wrote nothing: no model, no history, its dvc.lock without a train stage.
     assert not (worker_root / "models").exists()
     assert "train" not in yaml.safe_load((worker_root / "dvc.lock").read_text())["stages"]
+    # One run in the store both hosts were pointed at: the worker logged nothing.
     (logged,) = only_run(chief_root)
     assert logged.data.tags["train.cluster_size"] == "2"
+    # The cluster's size is a param of the train stage: DVC's run-cache keys a two-host model
+    # apart from a one-host one, so a restore never stands in for a cluster.
+    assert (
+        yaml.safe_load((chief_root / "dvc.lock").read_text())["stages"]["train"]["params"][
+            "params.yaml"
+        ]["train"]["hosts"]
+        == 2
+    )
+    assert logged.data.params["train.hosts"] == "2"
     assert logged.data.tags["train.replicas"] == "2"
     assert logged.data.tags["train.global_batch_size"] == str(2 * LEARNS["train__batch_size"])
     assert logged.info.status == "FINISHED"
@@ -115,16 +139,8 @@ def test_two_hosts_train_one_model_within_tolerance_of_one_host(lab, tmp_path):
 
 def test_a_killed_host_fails_the_other_in_bounded_time_with_one_line(lab, tmp_path):
     (chief_root, chief_env), (worker_root, worker_env) = two_copies(tmp_path, epochs=500)
-    run(["dvc", "repro", "normalize"], worker_root, worker_env)
     worker_log = tmp_path / "worker.log"
-    with worker_log.open("w") as log:
-        worker = lab[1].popen(
-            WORKER_CMD,
-            cwd=worker_root,
-            env={**worker_env, "TF_CONFIG": tf_config(lab, 1)},
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
+    worker = start_worker(lab, worker_root, worker_env, worker_log)
     chief = lab[0].popen(
         ["dvc", "repro"],
         cwd=chief_root,
@@ -133,10 +149,7 @@ def test_a_killed_host_fails_the_other_in_bounded_time_with_one_line(lab, tmp_pa
         stderr=subprocess.PIPE,
         text=True,
     )
-    deadline = time.monotonic() + 300
-    while "Epoch 3/" not in worker_log.read_text():
-        assert time.monotonic() < deadline and chief.poll() is None, worker_log.read_text()
-        time.sleep(0.5)
+    wait_for_epoch_3(worker_log, chief)
     os.killpg(worker.pid, signal.SIGKILL)
     killed = time.monotonic()
     out, err = chief.communicate(timeout=180)
@@ -153,3 +166,113 @@ def test_a_killed_host_fails_the_other_in_bounded_time_with_one_line(lab, tmp_pa
     assert "train" not in yaml.safe_load((chief_root / "dvc.lock").read_text())["stages"]
     (logged,) = only_run(chief_root)
     assert logged.info.status == "FAILED"
+
+
+def wait_for_epoch_3(worker_log: Path, other: subprocess.Popen) -> None:
+    deadline = time.monotonic() + 300
+    while "Epoch 3/" not in worker_log.read_text():
+        assert time.monotonic() < deadline and other.poll() is None, worker_log.read_text()
+        time.sleep(0.5)
+
+
+def test_a_killed_chief_stops_every_worker_in_bounded_time_writing_nothing(lab, tmp_path):
+    (chief_root, chief_env), (worker_root, worker_env) = two_copies(tmp_path, epochs=500)
+    worker_log = tmp_path / "worker.log"
+    worker = start_worker(lab, worker_root, worker_env, worker_log)
+    chief = lab[0].popen(
+        ["dvc", "repro"],
+        cwd=chief_root,
+        env={**chief_env, "TF_CONFIG": tf_config(lab, 0)},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    wait_for_epoch_3(worker_log, worker)
+    os.killpg(chief.pid, signal.SIGKILL)
+    killed = time.monotonic()
+    code = worker.wait(timeout=180)
+    took = time.monotonic() - killed
+
+    said = worker_log.read_text()
+    assert code != 0, said
+    assert took < 60, took
+    (line,) = error_lines(said)
+    assert line.startswith("error: training across 2 hosts: ") and "start train again" in line
+    assert f"host 0 ({lab[0].address}:{PORT})" in line, line
+    assert "Traceback" not in said
+    # The worker wrote nothing: no model, no history, no train stage in its dvc.lock.
+    assert not (worker_root / "models").exists()
+    assert "train" not in yaml.safe_load((worker_root / "dvc.lock").read_text())["stages"]
+
+
+def both_hosts(lab, tmp_path: Path, copies, **extra_env) -> tuple[subprocess.Popen, str]:
+    """The chief's `dvc repro` and the worker's stage, to their end: (chief, worker's output)."""
+    (chief_root, chief_env), (worker_root, worker_env) = copies
+    worker = start_worker(lab, worker_root, worker_env, tmp_path / "worker.log", **extra_env)
+    chief = lab[0].run(
+        ["dvc", "repro"],
+        cwd=chief_root,
+        env={**chief_env, "TF_CONFIG": tf_config(lab, 0), **extra_env},
+        timeout=300,
+    )
+    assert worker.wait(timeout=120) != 0
+    return chief, (tmp_path / "worker.log").read_text()
+
+
+def test_hosts_with_different_params_both_stop_before_epoch_1_naming_host_and_key(lab, tmp_path):
+    """The worker was given another learning rate (`-S` on one host): no host trains."""
+    copies = two_copies(tmp_path, epochs=2, worker={"train__learning_rate": 0.5})
+    chief, worker_said = both_hosts(lab, tmp_path, copies)
+
+    assert chief.returncode != 0
+    for said in (chief.stderr, worker_said):
+        (line,) = error_lines(said)
+        assert f"host 1 ({lab[1].address}:{PORT}) differs from the chief" in line, line
+        assert "in train.learning_rate;" in line, line
+        assert "Traceback" not in said and "Epoch 1/" not in said
+    chief_root = copies[0][0]
+    assert not (chief_root / "models").exists()
+    assert only_run(chief_root) == []  # the run opens after the hosts agree
+
+
+def test_a_cluster_of_hosts_whose_params_say_one_host_is_refused_on_every_host(lab, tmp_path):
+    """train.hosts left at 1: the cluster's model would be cached as a one-host model."""
+    copies = two_copies(tmp_path, epochs=2, hosts=1)
+    chief, worker_said = both_hosts(lab, tmp_path, copies)
+
+    assert chief.returncode != 0
+    for said in (chief.stderr, worker_said):
+        (line,) = error_lines(said)
+        assert "train.hosts is 1 but TF_CONFIG names 2; set train.hosts: 2" in line, line
+
+
+def test_a_host_whose_peers_never_come_gives_up_in_bounded_time_naming_them(lab, tmp_path):
+    """The chief and the worker each alone (two clusters that never meet): both give up after
+    MNIST_LSTM_CLUSTER_TIMEOUT with one line naming the other. TensorFlow alone would wait
+    forever on the chief."""
+    (chief_root, chief_env), (worker_root, worker_env) = two_copies(tmp_path, epochs=2)
+    bound = {"MNIST_LSTM_CLUSTER_TIMEOUT": "15"}
+    worker = start_worker(lab, worker_root, worker_env, tmp_path / "worker.log", **bound)
+    started = time.monotonic()
+    # The chief's cluster on other ports: the worker's leader (the chief at PORT) never answers,
+    # nor does the chief's worker (at PORT + 1).
+    lonely = {
+        "cluster": {"worker": [f"{lab[0].address}:{PORT + 2}", f"{lab[1].address}:{PORT + 1}"]},
+        "task": {"type": "worker", "index": 0},
+    }
+    chief = lab[0].run(
+        ["dvc", "repro"],
+        cwd=chief_root,
+        env={**chief_env, "TF_CONFIG": json.dumps(lonely), **bound},
+        timeout=300,
+    )
+    code = worker.wait(timeout=120)
+    took = time.monotonic() - started
+
+    assert chief.returncode != 0 and code != 0
+    assert took < 90, took
+    (line,) = error_lines(chief.stderr)
+    assert f"host 1 ({lab[1].address}:{PORT + 1}) never came within 15 s" in line, line
+    (line,) = error_lines((tmp_path / "worker.log").read_text())
+    assert f"host 0 ({lab[0].address}:{PORT}) never came within 15 s" in line, line
+    assert "run-cache" in line  # the chief may have had nothing to train
+    assert not (chief_root / "models").exists() and only_run(chief_root) == []

@@ -12,6 +12,7 @@ import contextlib
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from mnist_lstm.errors import UserError
@@ -20,7 +21,7 @@ from mnist_lstm.params import TrainParams
 from mnist_lstm.runtime import keras, tf
 
 if TYPE_CHECKING:
-    from mnist_lstm.distributed import Cluster
+    from mnist_lstm.cluster import Cluster
 
 # Splits the CPU into N logical devices: multi-device training, testable without a second device.
 CPU_DEVICES_ENV = "MNIST_LSTM_CPU_DEVICES"
@@ -93,8 +94,10 @@ class Placement:
         return distributed.cluster_failures(self.cluster, while_fitting)
 
 
-def place(params: TrainParams) -> Placement:
+def place(params: TrainParams, data: Path | None = None) -> Placement:
     """The devices, hosts and LSTM kernel this process trains with; says the kernel in a line.
+    Across hosts, each compares its params, `data` (the processed file) and code with the others'
+    before any training (distributed.agree).
 
     Call it before any other TensorFlow work: splitting the CPU and a multi-host strategy (which
     starts this host's server) must come first.
@@ -103,12 +106,21 @@ def place(params: TrainParams) -> Placement:
     cluster, strategy = None, None
     if os.environ.get(TF_CONFIG_ENV, "").strip():
         from mnist_lstm import distributed  # only with TF_CONFIG: see distributed.py
+        from mnist_lstm.cluster import cluster_from
 
-        cluster = distributed.cluster_from(os.environ)
+        cluster = cluster_from(os.environ)
         if cluster is not None and cluster.size > 1:
-            strategy = distributed.strategy(params, cluster)
+            strategy = distributed.strategy(
+                params, cluster, lambda: distributed.fingerprint(params, data)
+            )
         else:  # one host named: it trains as any one host does
             cluster = None
+    if cluster is None and params.hosts > 1:
+        raise UserError(
+            f"train.hosts is {params.hosts} but {TF_CONFIG_ENV} names no cluster on this host: "
+            f"set {TF_CONFIG_ENV} on each of the {params.hosts} hosts (docs/team.md), or "
+            "train.hosts: 1 to train here alone"
+        )
     if strategy is None:
         strategy = local_strategy(params)
     # The fused oneDNN op where it is built and usable, else Keras' own LSTM (cuDNN on a GPU).

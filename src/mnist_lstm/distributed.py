@@ -1,137 +1,135 @@
 """Training across hosts: everything only a multi-host run needs, imported only when TF_CONFIG
 is set (devices.py), so the one-host path never loads it and no Keras internal is patched there.
 
-`TF_CONFIG` is TensorFlow's own cluster spec, set on every host (docs/team.md), e.g.
-`{"cluster": {"worker": ["10.0.0.2:2222", "10.0.0.3:2222"]},
-  "task": {"type": "worker", "index": 0}}`.
-
-Here: reading the spec (`cluster_from`), the MultiWorkerMirroredStrategy, the two mends Keras 3.15's
-`fit` needs under it (`prepare`), and a lost host turned into one line (`cluster_failures`).
+Here: the MultiWorkerMirroredStrategy over the hosts `TF_CONFIG` names (cluster.py reads it),
+formed within a bound (`strategy`) by hosts that agree on what they train (`agree`: params, data,
+code); the two mends Keras 3.15's `fit` needs under it (`prepare`); and a lost host turned into
+one line (`cluster_failures`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import gc
-import json
+import hashlib
 import multiprocessing.pool
-import re
-from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass
+import os
+from collections.abc import Callable, Iterator
+from pathlib import Path
 
+import numpy as np
+import yaml
+
+from mnist_lstm import contracts
+from mnist_lstm.cluster import (
+    TF_CONFIG_ENV,
+    Cluster,
+    cluster_timeout,
+    disagreement,
+    formation_bound,
+)
 from mnist_lstm.errors import UserError, one_line
-from mnist_lstm.params import TrainParams
+from mnist_lstm.params import TrainParams, flatten
 from mnist_lstm.runtime import keras, tf
 
-TF_CONFIG_ENV = "TF_CONFIG"
-# The roles MultiWorkerMirroredStrategy trains with (`ps`, `evaluator`: other strategies').
-TRAINING_JOBS = ("chief", "worker")
-_EXAMPLE = (
-    '{"cluster": {"worker": ["host1:2222", "host2:2222"]}, "task": {"type": "worker", "index": 0}}'
+# The errors that mean a host went away (killed, its link down, the cluster aborted because of
+# it); any other error of TensorFlow's is a bug or a mistake and is reported as what it is.
+LOST_HOST_ERRORS = (
+    tf.errors.UnavailableError,
+    tf.errors.AbortedError,
+    tf.errors.CancelledError,
+    tf.errors.DeadlineExceededError,
 )
 
 
-@dataclass(frozen=True)
-class Cluster:
-    """The hosts TF_CONFIG names, chief first, and which of them this process is."""
-
-    hosts: tuple[str, ...]
-    rank: int
-    workers: int  # how many of the hosts are `worker` tasks (the rest: the `chief`)
-
-    @property
-    def size(self) -> int:
-        return len(self.hosts)
-
-    @property
-    def is_chief(self) -> bool:
-        """The `chief` task, else worker 0: the one host that writes outputs and logs the run
-        (TensorFlow's own rule for who saves)."""
-        return self.rank == 0
-
-    def describe(self, rank: int | None = None) -> str:
-        rank = self.rank if rank is None else rank
-        return f"host {rank} ({self.hosts[rank]})"
-
-    def failure(self, message: str) -> str:
-        """One line for TensorFlow's error when the cluster broke mid-training: which host went
-        silent and how (the coordination service's heartbeat report, or a refused connection to
-        its address) and what to do."""
-        # The silent host: the heartbeat report's, else the remote target's, else the address
-        # named (never this host's own, which the failed op's device names too).
-        task = re.search(r"unhealthy.*?/job:(chief|worker)/replica:\d+/task:(\d+)", message, re.S)
-        task = task or re.search(
-            r"remote target /job:(chief|worker)/replica:\d+/task:(\d+)", message
-        )
-        others = [host for rank, host in enumerate(self.hosts) if rank != self.rank]
-        address = next((host for host in others if host in message), None)
-        if task:
-            kind, index = task.group(1), int(task.group(2))
-            rank = index if kind == "chief" else self.size - self.workers + index
-        else:
-            rank = self.hosts.index(address) if address else None
-        if "unhealthy" in message:
-            how = "stopped answering (no heartbeat)"
-        elif "Connection refused" in message:
-            how = "refused the connection (its training is gone)"
-        else:
-            how = f"failed ({one_line(message, last=True, limit=160, default='no message')})"
-        who = self.describe(rank) if rank is not None else "a host"
-        return (
-            f"training across {self.size} hosts: {who} {how}; steps cannot go on without it, "
-            "nothing was written: start train again on every host"
-        )
-
-
-def cluster_from(env: Mapping[str, str]) -> Cluster | None:
-    """The cluster TF_CONFIG names; None without TF_CONFIG. A malformed spec is a one-line error
-    here, before TensorFlow starts a server with it."""
-    raw = env.get(TF_CONFIG_ENV, "").strip()
-    if not raw:
-        return None
-
-    def bad(what: str) -> UserError:
-        return UserError(
-            f"{TF_CONFIG_ENV}: {what}; expected TensorFlow's cluster spec, e.g. {_EXAMPLE}"
-        )
-
-    try:
-        spec = json.loads(raw)
-    except json.JSONDecodeError as err:
-        raise bad(f"not JSON ({err.msg} at character {err.pos})") from None
-    cluster, task = (spec.get("cluster"), spec.get("task")) if isinstance(spec, dict) else (0, 0)
-    if not isinstance(cluster, dict) or not isinstance(task, dict):
-        raise bad('it needs a "cluster" and a "task" object')
-    others = sorted(set(cluster) - set(TRAINING_JOBS))
-    if others:
-        raise bad(f"job(s) {', '.join(others)} are not for this strategy (only chief and worker)")
-    jobs = {job: cluster.get(job, []) for job in TRAINING_JOBS}
-    if len(jobs["chief"]) > 1 or not all(
-        isinstance(hosts, list) and all(isinstance(h, str) and ":" in h for h in hosts)
-        for hosts in jobs.values()
-    ):
-        raise bad('"chief" is at most one "host:port", "worker" a list of them')
-    hosts = tuple(jobs["chief"] + jobs["worker"])
-    kind, index = task.get("type"), task.get("index", 0)
-    if kind not in TRAINING_JOBS or not isinstance(index, int):
-        raise bad(f'task type must be "chief" or "worker" with an integer index, got {task}')
-    if not 0 <= index < len(jobs[kind]):
-        raise bad(f"task {kind} {index} is not in the cluster ({len(jobs[kind])} {kind} task(s))")
-    rank = index if kind == "chief" else len(jobs["chief"]) + index
-    return Cluster(hosts=hosts, rank=rank, workers=len(jobs["worker"]))
-
-
-def strategy(params: TrainParams, cluster: Cluster) -> tf.distribute.Strategy:
+def strategy(
+    params: TrainParams, cluster: Cluster, fingerprint: Callable[[], dict[str, str]]
+) -> tf.distribute.Strategy:
     """A MultiWorkerMirroredStrategy over the cluster's hosts: each host's replicas (one per local
     device) join one all-reduce ring. Create it before any other TensorFlow work: it starts this
-    host's server."""
+    host's server. Returns once every host has joined (within MNIST_LSTM_CLUSTER_TIMEOUT) and
+    agreed on what they train (`agree`); otherwise every host stops with one line."""
     if params.distribute == "off":
         raise UserError(
             f"{TF_CONFIG_ENV} names {cluster.size} hosts but train.distribute is off: set it "
             f"to auto to train across them, or unset {TF_CONFIG_ENV} on this host"
         )
-    # TensorFlow reads TF_CONFIG itself (TFConfigClusterResolver).
-    return tf.distribute.MultiWorkerMirroredStrategy()
+    timeout = cluster_timeout(os.environ)
+    try:
+        with formation_bound(cluster, timeout):
+            # TensorFlow reads TF_CONFIG itself (TFConfigClusterResolver).
+            formed = tf.distribute.MultiWorkerMirroredStrategy()
+    except tf.errors.OpError as err:  # e.g. this host's port is taken
+        raise UserError(
+            f"training across {cluster.size} hosts: {cluster.describe()} could not join the "
+            f"cluster ({one_line(err.message, limit=160, default=type(err).__name__)}); check "
+            f"{TF_CONFIG_ENV} and that its port is free"
+        ) from None
+    with cluster_failures(cluster, while_fitting=lambda: True):
+        agree(formed, cluster, fingerprint())
+    # Checked after the hosts agree, so that all of them stop here together.
+    if params.hosts != cluster.size:
+        raise UserError(
+            f"training across {cluster.size} hosts: train.hosts is {params.hosts} but "
+            f"{TF_CONFIG_ENV} names {cluster.size}; set train.hosts: {cluster.size} in "
+            "params.yaml (committed, so every host has it) -- a model of a cluster is cached "
+            "apart from a one-host model"
+        )
+    return formed
+
+
+# --- agreeing ---
+
+
+def fingerprint(
+    params: TrainParams, data: Path | None, stages: Path = Path("dvc.yaml")
+) -> dict[str, str]:
+    """What every host must have the same of: each train param, the processed data's md5 and each
+    file of code dvc.yaml lists as the train stage's dependency (hashed as DVC hashes them)."""
+    found = {key: repr(value) for key, value in flatten(params).items()}
+    if data is not None:
+        found["the processed data"] = contracts.md5_file(data)
+    if stages.is_file():
+        deps = yaml.safe_load(stages.read_text())["stages"]["train"]["deps"]
+        for dep in deps:
+            path = stages.parent / dep
+            if path.is_file() and path.suffix in (".py", ".cc", ".h"):
+                found[dep] = contracts.md5_file(path)
+    return found
+
+
+def _digest(text: str) -> list[int]:
+    """Two int32s of text's sha256: what crosses the network for each key and each value."""
+    return np.frombuffer(hashlib.sha256(text.encode()).digest()[:8], dtype="<i4").tolist()
+
+
+def agree(formed: tf.distribute.Strategy, cluster: Cluster, found: dict[str, str]) -> None:
+    """Every host's fingerprint against the chief's, before epoch 1: hosts that differ in params,
+    data or code would train a model none of them describes (or fail on a shape mismatch).
+    Two all-gathers: how many keys each host has, then every host's (key, value) digests, padded
+    to the longest. Every host reaches the same verdict and stops with the same line."""
+    names = {tuple(_digest(key)): key for key in found}
+    rows = [[*_digest(key), *_digest(value)] for key, value in sorted(found.items())]
+    sizes = _gather(formed, np.array([[cluster.rank, len(rows)]], dtype=np.int32))
+    width = int(sizes[:, 1].max())
+    mine = np.zeros((1, 1 + 4 * width), dtype=np.int32)
+    mine[0, 0] = cluster.rank
+    mine[0, 1 : 1 + 4 * len(rows)] = np.array(rows, dtype=np.int32).ravel()
+    gathered = _gather(formed, mine)
+    tables: list[dict[tuple, tuple]] = [{} for _ in range(cluster.size)]
+    for row in gathered:
+        rank, cells = int(row[0]), row[1:].reshape(-1, 4)
+        count = int(sizes[sizes[:, 0] == rank][0, 1])
+        tables[rank] = {(int(a), int(b)): (int(c), int(d)) for a, b, c, d in cells[:count]}
+    line = disagreement(cluster, names, tables)
+    if line:
+        raise UserError(line)
+
+
+def _gather(formed: tf.distribute.Strategy, value: np.ndarray) -> np.ndarray:
+    """`value` of every replica of every host, stacked (one row per replica)."""
+    tensor = tf.constant(value)
+    return formed.gather(formed.run(lambda: tf.identity(tensor)), axis=0).numpy()
 
 
 # --- Keras 3.15's `fit` across hosts ---
@@ -175,12 +173,13 @@ def prepare(model: keras.Model, strategy: tf.distribute.Strategy, batch_size: in
 @contextlib.contextmanager
 def cluster_failures(cluster: Cluster, while_fitting: Callable[[], bool]) -> Iterator[None]:
     """A host of the cluster lost mid-training (killed, its link down): TensorFlow's collective
-    or coordination error becomes one line. Its training steps cannot go on without it. After
-    fit, an error is what it is (saving and logging run on this host alone)."""
+    or coordination error (Unavailable, Aborted, Cancelled, DeadlineExceeded) becomes one line.
+    Its training steps cannot go on without it. Any other error, and any error after fit
+    (saving and logging run on this host alone), is what it is."""
     lost = None
     try:
         yield
-    except tf.errors.OpError as err:
+    except LOST_HOST_ERRORS as err:
         if not while_fitting():
             raise
         lost = cluster.failure(err.message)

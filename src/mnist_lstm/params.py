@@ -83,6 +83,9 @@ class TrainParams(_Section):
     augment_shift: int = Field(ge=0, le=8, description="an integer 0..8")
     tuning_split: int = Field(ge=0, description="an integer >= 0")
     distribute: Literal["auto", "off"]
+    # How many hosts train together (TF_CONFIG names them; checked against it). A param, so that
+    # DVC's run-cache keeps a cluster's model apart from a one-host model of the same params.
+    hosts: int = Field(ge=1, description="an integer >= 1")
     lstm_kernel: Literal["auto", "onednn", "keras"]
 
 

@@ -225,8 +225,9 @@ def main(argv: list[str] | None = None) -> int:
     # 1. Load MNIST, scaled to [0, 1] by `normalize` (held as uint8 levels: ~160 MiB less memory).
     data = contracts.load_processed(args.data, levels=True)
     (x_train, y_train), (x_val, y_val) = training_splits(data, params.tuning_split)
-    # Devices, hosts (TF_CONFIG) and the LSTM kernel come before any other TensorFlow work.
-    place = devices.place(params)
+    # Devices, hosts (TF_CONFIG; they agree on params, data and code first) and the LSTM kernel
+    # come before any other TensorFlow work.
+    place = devices.place(params, args.data)
     set_seed(params.seed)
     # 2. Build the tutorial's model: LSTM(64) -> BatchNormalization -> Dense(10) logits.
     with place.strategy.scope():
