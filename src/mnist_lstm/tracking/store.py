@@ -15,15 +15,27 @@ import time
 import urllib.parse
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 # Set before mlflow is imported: it reads these once. The project must work fully offline.
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("DO_NOT_TRACK", "true")
-# MLflow's HTTP client retries 7 times with exponential backoff (minutes) by default; an
-# unreachable tracking server must fail the stage in seconds, before training starts.
-os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
-os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
-os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "15")
+# MLflow's HTTP client retries 7 times with exponential backoff (minutes) by default, each try
+# waiting up to 120 s. A server that stops answering must instead fail the stage in seconds
+# before training, and during training hand the run's writes to the spool (outage.py) within
+# 10 s of the first write that stalls. Every request MLflow sends it -- REST calls and proxied
+# artifact uploads alike go through rest_utils.http_request -- gets:
+#   connect 2 s (CONNECT_TIMEOUT below): a server that is up answers a SYN in milliseconds; 2 s
+#     still covers one lost SYN, which Linux resends after 1 s. urllib3 sends a request under
+#     the same timeout: each 16 KiB block of an upload must leave within 2 s (8 KiB/s or more);
+#   read 7 s: a healthy but loaded server (a PostgreSQL store, a model upload landing in its
+#     artifact store) gets 7 s to begin its answer, counted from the end of the upload;
+#   1 retry, sent at once: urllib3 >= 2 backs off only before a second retry.
+# A server that drops packets: the first try waits 7 s on a kept-alive connection (2 s on a new
+# one); the retry needs a new connection, 2 s: at most 7 + 2 = 9 s, then the spool. (MLflow's
+# old 15 s and 2 retries made that 15 + 15 + 2 + jitter + 15, about 50 s, epochs held up.)
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "7")
 # Stage logs and the predict CLI's output stay readable: no per-file download bars.
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 # Our own lines say where a run is (or waits); MLflow's "View run at" would repeat it per stage.
@@ -39,8 +51,27 @@ logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
 
 import mlflow  # noqa: E402
 from mlflow.exceptions import MlflowException  # noqa: E402
+from mlflow.utils.request_utils import TCPKeepAliveHTTPAdapter  # noqa: E402
 
 from mnist_lstm.errors import UserError, one_line  # noqa: E402
+
+# MLflow hands `requests` one number, MLFLOW_HTTP_REQUEST_TIMEOUT, for both connecting and
+# reading (the variable is an int); a connection gets this much at most (arithmetic above).
+CONNECT_TIMEOUT = 2.0
+_mlflow_send = TCPKeepAliveHTTPAdapter.send
+
+
+def _send_connecting_fast(
+    self: TCPKeepAliveHTTPAdapter, request: Any, timeout: Any = None, **kwargs: Any
+) -> Any:
+    """MLflow's HTTP adapter (every session it builds mounts it), with a short connect timeout.
+    A hook on a library internal: test_stall fails the day MLflow's sessions stop using it."""
+    if isinstance(timeout, int | float):
+        timeout = (min(CONNECT_TIMEOUT, timeout), timeout)
+    return _mlflow_send(self, request, timeout=timeout, **kwargs)
+
+
+TCPKeepAliveHTTPAdapter.send = _send_connecting_fast
 
 EXPERIMENT = "mnist-lstm"
 # Lineage tags: the md5 hashes dvc.lock records for each stage's data output.
