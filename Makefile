@@ -28,9 +28,10 @@ $(UV):
 
 # Reinstalls only when the lock, the package metadata, the data pin or EXTRAS change; otherwise
 # make sees the stamp is newer and does nothing.
-# The venv is Python's own (with its pip: MLflow records pip's version with every model); uv then
-# makes its packages exactly the lock's, compiled to bytecode as pip does (without it every
-# process compiled TensorFlow's modules anew where PYTHONDONTWRITEBYTECODE is set: +10 s each).
+# The venv is Python's own; uv then makes its packages exactly the lock's, pip among them (MLflow
+# records pip's version in every logged model, and a venv that `uv sync` made has no pip unless
+# the lock has it), compiled to bytecode as pip does (without it every process compiled
+# TensorFlow's modules anew where PYTHONDONTWRITEBYTECODE is set: +10 s each).
 $(STAMP): uv.lock requirements-data.txt pyproject.toml | $(UV)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(UV) sync --quiet --frozen --compile-bytecode --python $(BIN)/python $(addprefix --extra ,$(EXTRAS))
@@ -87,8 +88,11 @@ sweep: install
 	dvc exp show --only-changed --drop 'Created|State|Executor' --md
 
 # The tuned preset (params.tuned.yaml) as a DVC experiment: applies its values over params.yaml.
+# Each run is a new experiment, tuned-<date>-<time> (`dvc exp show` lists them side by side): DVC
+# refuses an experiment name already used on the same commit. TUNED_NAME=<name> picks the name.
+TUNED_NAME ?= tuned-$(shell date +%Y%m%d-%H%M%S)
 tuned: install
-	dvc exp run -n tuned $$(python -m mnist_lstm.preset params.tuned.yaml)
+	dvc exp run -n $(TUNED_NAME) $$(python -m mnist_lstm.preset params.tuned.yaml)
 
 # Side-by-side speed and memory: the tutorial script, the train stage and a plain PyTorch peer
 # (in its own venv: never a project dependency), dvc overhead, holdout prediction. Not in `test`.
@@ -190,10 +194,12 @@ sync: install
 
 # Shares experiments with the team (docs/team.md): their data to the DVC remote first, then their
 # git refs, so a failure half-way never publishes an experiment whose data is missing. EXPS=names
-# (default: the current commit's experiments); GIT_REMOTE=origin.
+# (default: the current commit's experiments); GIT_REMOTE=origin. An experiment whose name the git
+# remote already holds for another run is refused; FORCE=1 overwrites that (a teammate's) one.
+# MNIST_LSTM_SHARE_TIMEOUT=SECONDS bounds an SSH DVC remote that does not answer (default 30).
 GIT_REMOTE ?= origin
 share: install
-	python -m mnist_lstm.share --git-remote $(GIT_REMOTE) $(EXPS)
+	python -m mnist_lstm.share --git-remote $(GIT_REMOTE) $(if $(FORCE),--force) $(EXPS)
 
 # Another host of a training cluster (docs/team.md): TF_CONFIG names every host and this one's
 # task; the chief runs `dvc repro` (or `dvc exp run`) with its own TF_CONFIG. This host prepares

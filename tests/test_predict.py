@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import struct
+import warnings
+import zlib
+from pathlib import Path
+
 import keras
 import numpy as np
 import pytest
@@ -105,3 +110,45 @@ def test_cli_with_a_missing_model_file_fails_with_one_line(tmp_path, capsys):
     as_photo(mnist_like_seven(), 60, light_paper=True).save(png)
     assert main([str(png), "--model", str(tmp_path / "nope.keras")]) == 1
     assert capsys.readouterr().err == f"error: {tmp_path / 'nope.keras'}: no such model file\n"
+
+
+def bomb_png(path: Path, width: int, height: int) -> Path:
+    """A valid black 1-bit PNG of width x height pixels, a few hundred kB on disk at most."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        body = kind + data
+        return struct.pack(">I", len(data)) + body + struct.pack(">I", zlib.crc32(body))
+
+    row = bytes(1 + (width + 7) // 8)  # filter byte 0, then the row's bits, all 0
+    packer = zlib.compressobj(9)
+    idat = b"".join(packer.compress(row) for _ in range(height)) + packer.flush()
+    header = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)  # 1-bit grayscale
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
+    )
+    return path
+
+
+# Pillow refuses to decode more than 2 x MAX_IMAGE_PIXELS (89 M) pixels and warns above it.
+@pytest.mark.parametrize("side", [20000, 10000], ids=["past-the-limit", "warned"])
+def test_a_decompression_bomb_is_refused_in_one_line_and_the_others_predicted(
+    tmp_path, model_file, capsys, side
+):
+    path, _ = model_file
+    bomb = bomb_png(tmp_path / "bomb.png", side, side)
+    assert bomb.stat().st_size < 1_000_000 and side * side > Image.MAX_IMAGE_PIXELS
+    good = tmp_path / "seven.png"
+    as_photo(mnist_like_seven(), 60, light_paper=True).save(good)
+
+    with warnings.catch_warnings(record=True) as warned:
+        warnings.simplefilter("always")
+        status = main([str(bomb), str(good), "--model", str(path)])
+
+    out, err = capsys.readouterr()
+    assert status == 1
+    assert err.splitlines() == [
+        f"error: {bomb}: not decoded: {side * side:,} pixels is more than Pillow decodes "
+        f"safely ({Image.MAX_IMAGE_PIXELS:,} at most: a decompression bomb?); scale it down first"
+    ]
+    assert [line.split(":")[0] for line in out.splitlines()] == [str(good)]
+    assert not [w for w in warned if issubclass(w.category, Image.DecompressionBombWarning)]

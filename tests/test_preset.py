@@ -1,10 +1,13 @@
 from __future__ import annotations
 
+import shutil
+import time
 from pathlib import Path
 
 import pytest
 import yaml
 
+from conftest import commit, make_project, run
 from mnist_lstm.params import ParamsError, load_params, read_yaml
 from mnist_lstm.preset import main, overrides
 
@@ -47,3 +50,22 @@ def test_a_bad_preset_is_refused_with_the_key(preset, expected):
     with pytest.raises(ParamsError) as err:
         overrides(preset, read_yaml(REPO / "params.yaml"), "p.yaml")
     assert str(err.value).startswith(expected)
+
+
+@pytest.mark.e2e
+@pytest.mark.slow
+def test_make_tuned_runs_again_as_a_new_experiment(tmp_path):
+    """The second `make tuned` on a commit is a second experiment, not DVC's duplicate-name
+    refusal (a small preset on tiny data; `-o install`: the project's venv is the one in use)."""
+    root, env = make_project(tmp_path)
+    shutil.copy2(REPO / "Makefile", root / "Makefile")
+    (root / "params.tuned.yaml").write_text(yaml.safe_dump({"train": {"units": 8}}))
+    commit(root, env, "make tuned")
+    tuned = ["make", "--no-print-directory", "-o", "install", "tuned"]
+    run(tuned, root, env)
+    time.sleep(1)  # names are stamped to the second
+    run(tuned, root, env)
+    names = run(["dvc", "exp", "list", "--name-only"], root, env).stdout.split()
+    assert len(names) == 2 and all(name.startswith("tuned-") for name in names), names
+    run([*tuned, "TUNED_NAME=mine"], root, env)
+    assert "mine" in run(["dvc", "exp", "list", "--name-only"], root, env).stdout.split()

@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import free_port, http_service
+from conftest import free_port, http_service, make_project, stages_run
+from conftest import run as run_cli
 from mnist_lstm import contracts, tracking
 from mnist_lstm.normalize import split
 
@@ -114,6 +115,112 @@ def test_a_run_orphaned_by_kill_9_is_marked_failed_by_the_next_pipeline(
     assert status[orphan.info.run_id] == "FAILED"
     assert sorted(status.values()) == ["FAILED", "FINISHED"]
     assert (out / "model.keras").exists()
+
+
+@pytest.mark.e2e
+def test_an_orphan_is_marked_failed_by_evaluate_when_train_comes_from_the_run_cache(tmp_path):
+    """kill -9 mid-fit, then back to params DVC's run-cache holds: train does not run, so
+    evaluate -- the first stage that does -- closes the orphan; a live run elsewhere stays open."""
+    import threading
+
+    import psutil
+
+    root, env = make_project(tmp_path / "project")
+    env["PYTHONUNBUFFERED"] = "1"
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    params = root / "params.yaml"
+    cached = params.read_text()
+    endless = cached.replace("epochs: 1", "epochs: 10000")
+    run_cli(["dvc", "repro", "train"], root, env)  # params A: train's outputs in the run-cache
+
+    # Another pipeline training all along (its process alive): never an orphan.
+    (root / "live.yaml").write_text(endless)
+    live = subprocess.Popen(
+        train_cmd(root / "live.yaml", root / "data" / "processed" / "mnist.npz", tmp_path / "live"),
+        cwd=root,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    try:
+        wait_for_line(live, "Epoch 2/")
+        threading.Thread(target=live.stdout.read, daemon=True).start()
+
+        params.write_text(endless)  # params B, killed mid-fit
+        repro = subprocess.Popen(
+            ["dvc", "repro"],
+            cwd=root,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        wait_for_line(repro, "Epoch 3/")
+        (train,) = [
+            p
+            for p in psutil.Process(repro.pid).children(recursive=True)
+            if "mnist_lstm.train" in p.cmdline()
+        ]
+        train.kill()  # SIGKILL: no handler runs, the run stays RUNNING in the store
+        repro.communicate(timeout=120)
+        assert repro.returncode != 0
+        _, before = runs(uri)
+        assert sorted(r.info.status for r in before) == ["FINISHED", "RUNNING", "RUNNING"]
+
+        params.write_text(cached)  # back to A
+        again = run_cli(["dvc", "repro"], root, env)
+        _, after = runs(uri)
+    finally:
+        live.kill()
+        live.wait(timeout=30)
+    assert "Stage 'train' is cached - skipping run" in again.stdout
+    assert stages_run(again) == ["evaluate"], again.stdout
+    status = {r.info.run_id: r.info.status for r in after}
+    orphans = [r.info.run_id for r in after if r.info.status == "FAILED"]
+    assert len(orphans) == 1 and sorted(status.values()) == ["FAILED", "FINISHED", "RUNNING"]
+    assert (
+        f"tracking: run {orphans[0]} was left RUNNING by a process that died; marked FAILED"
+        in again.stdout
+    ), again.stdout
+    (still,) = [r for r in after if r.info.status == "RUNNING"]
+    assert still.data.tags["mnist_lstm.pid"] == str(live.pid)
+
+
+def test_a_run_evaluate_reopened_is_owned_by_evaluate_and_never_taken_for_an_orphan(
+    tmp_path, monkeypatch
+):
+    """evaluate reopens the training run (RUNNING again) long after train's process ended: while
+    it logs, another pipeline's orphan check must leave it alone."""
+    import socket
+
+    from mnist_lstm.tracking import outage
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.chdir(tmp_path)
+    tracking.connect()
+    ended = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    gone = ended.stdout.strip()  # a train process that has exited
+    client, _ = runs(os.environ["MLFLOW_TRACKING_URI"])
+    trained = client.create_run(
+        client.get_experiment_by_name("mnist-lstm").experiment_id,
+        tags={
+            tracking.TAG_MODEL_MD5: "0" * 32,
+            outage.TAG_PID: gone,
+            outage.TAG_HOST: socket.gethostname(),
+        },
+    ).info.run_id
+    client.set_terminated(trained, "FINISHED")
+    with tracking.evaluation_run("0" * 32, "unused") as (run_, is_training):
+        assert is_training and run_.run_id == trained
+        assert client.get_run(trained).info.status == "RUNNING"
+        assert tracking.fail_orphaned_runs() == []
+    assert client.get_run(trained).info.status == "FINISHED"
 
 
 @posix_signals

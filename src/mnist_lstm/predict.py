@@ -16,8 +16,10 @@ is not the one recorded when it was registered is refused in one `error:` line.
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 import tempfile
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -37,8 +39,19 @@ class ImageError(UserError):
 def read_image(path: Path) -> np.ndarray:
     """The file as a float grayscale array in [0, 255]."""
     try:
-        with Image.open(path) as image:
-            return np.asarray(image.convert("L"), dtype=np.float32)
+        # Past Image.MAX_IMAGE_PIXELS Pillow warns and decodes anyway (past twice that it
+        # refuses): a PNG of a few kB can hold 100 M pixels, gigabytes once decoded as floats.
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as image:
+                return np.asarray(image.convert("L"), dtype=np.float32)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+        pixels = re.search(r"\((\d+) pixels\)", str(err))
+        size = f"{int(pixels.group(1)):,} pixels" if pixels else one_line(err)
+        raise ImageError(
+            f"{path}: not decoded: {size} is more than Pillow decodes safely "
+            f"({Image.MAX_IMAGE_PIXELS:,} at most: a decompression bomb?); scale it down first"
+        ) from None
     except FileNotFoundError:
         raise ImageError(f"{path}: no such file") from None
     except UnidentifiedImageError:

@@ -15,14 +15,18 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import os
 import signal
 import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+import urllib.request
 from pathlib import Path
+from typing import IO
 
 import psutil
 
@@ -33,6 +37,8 @@ from mnist_lstm.tracking import registry
 DEFAULT_MODEL = f"models:/{registry.REGISTERED_MODEL}@{registry.CHAMPION}"
 HOST = "127.0.0.1"
 STOP_SECONDS = 30  # how long the server gets to stop on SIGTERM before it is killed
+# How uvicorn's failed bind reads (Linux, macOS, Windows), before MLflow's traceback.
+IN_USE_SIGNS = ("address already in use", "[errno 98]", "[errno 48]", "[errno 10048]")
 
 
 def serve_command(folder: Path, port: int) -> list[str]:
@@ -42,6 +48,13 @@ def serve_command(folder: Path, port: int) -> list[str]:
     return cmd + ["--env-manager", "local", "--host", HOST, "--port", str(port)]
 
 
+def port_in_use(port: int) -> UserError:
+    return UserError(
+        f"serve: port {port} on {HOST} is in use; pick another with SERVE_PORT=<port> make serve "
+        "(--port <port>)"
+    )
+
+
 def check_port_free(port: int) -> None:
     with socket.socket() as sock:
         # As uvicorn binds: a port whose last connections linger in TIME_WAIT is free.
@@ -49,10 +62,53 @@ def check_port_free(port: int) -> None:
         try:
             sock.bind((HOST, port))
         except OSError as err:
+            if err.errno == errno.EADDRINUSE:
+                raise port_in_use(port) from None
             raise UserError(
-                f"{HOST}:{port} cannot be used ({err.strerror}); choose another port "
-                "(SERVE_PORT=… make serve)"
+                f"serve: port {port} on {HOST} cannot be used ({err.strerror}); pick another "
+                "with SERVE_PORT=<port> make serve (--port <port>)"
             ) from None
+
+
+class HeldOutput:
+    """The server's output, held until it answers on its port, then passed on as it comes: a
+    server that cannot start (the port taken meanwhile: two `make serve` at once) ends in one
+    line instead of uvicorn's error and MLflow's traceback."""
+
+    def __init__(self, stream: IO[str]) -> None:
+        self._held: list[str] = []
+        self._lock = threading.Lock()
+        self.released = False
+        self._pump = threading.Thread(target=self._forward, args=(stream,), daemon=True)
+        self._pump.start()
+
+    def _forward(self, stream: IO[str]) -> None:
+        for line in stream:
+            with self._lock:
+                if self.released:
+                    print(line, end="", flush=True)
+                else:
+                    self._held.append(line)
+
+    def release(self) -> None:
+        """What was held, printed now; from now on every line as it comes."""
+        with self._lock:
+            print("".join(self._held), end="", flush=True)
+            self._held, self.released = [], True
+
+    def finish(self) -> str:
+        """After the server exited: what is still held."""
+        self._pump.join(timeout=10)
+        with self._lock:
+            return "".join(self._held)
+
+
+def answers(port: int) -> bool:
+    try:
+        with urllib.request.urlopen(f"http://{HOST}:{port}/ping", timeout=1) as response:
+            return response.status == 200
+    except OSError:
+        return False
 
 
 def _stop(server: subprocess.Popen) -> None:
@@ -69,6 +125,12 @@ def _stop(server: subprocess.Popen) -> None:
         with contextlib.suppress(psutil.NoSuchProcess):
             process.kill()
     server.wait()
+
+
+def _end_group(pgid: int) -> None:
+    """Whatever of the server's process group outlived it (nothing, as a rule) is killed."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, signal.SIGKILL)
 
 
 @exits_cleanly
@@ -92,22 +154,39 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"serve: starting on http://{HOST}:{args.port}/invocations; Ctrl-C stops it", flush=True
         )
-        server = None
+        server = output = None
         try:
             # Its own process group: Ctrl-C in a terminal reaches this process only, which stops
             # the server with its workers, then removes the checked copy.
             server = subprocess.Popen(
-                serve_command(checked.folder, args.port), start_new_session=True
+                serve_command(checked.folder, args.port),
+                start_new_session=True,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+                env={**os.environ, "PYTHONUNBUFFERED": "1"},
             )
+            output = HeldOutput(server.stdout)
             # Polled, not a blocking wait: exits_cleanly restarts interrupted system calls, and a
             # restarted waitpid would leave Ctrl-C unheard until the server exits by itself.
             while (status := server.poll()) is None:
+                if not output.released and answers(args.port):
+                    output.release()
                 time.sleep(0.5)
         except KeyboardInterrupt:
             if server is not None:
                 _stop(server)
+            if output is not None:
+                output.finish()  # its last lines before ours
             print("serve: stopped")
             return 0
+        finally:
+            if server is not None:
+                _end_group(server.pid)
+    held = output.finish()
+    if status != 0 and any(sign in held.lower() for sign in IN_USE_SIGNS):
+        raise port_in_use(args.port)
+    output.release()
     if status != 0:
         raise UserError(f"mlflow models serve exited with status {status} (its output is above)")
     return 0

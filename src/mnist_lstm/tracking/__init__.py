@@ -158,7 +158,10 @@ def dataset(
 
 
 def fail_orphaned_runs() -> list[str]:
-    """Mark FAILED the RUNNING runs whose process on this host is gone (e.g. after `kill -9`)."""
+    """Mark FAILED the RUNNING runs whose process on this host is gone (e.g. after `kill -9`).
+
+    A run is RUNNING only while the process its owner tags name writes to it: train's, or
+    evaluate's once it reopens the run (evaluation_run re-tags it first)."""
     experiment = mlflow.get_experiment_by_name(EXPERIMENT)
     if experiment is None:
         return []
@@ -181,6 +184,19 @@ def fail_orphaned_runs() -> list[str]:
             client.set_terminated(run.info.run_id, status="FAILED")
             orphaned.append(run.info.run_id)
     return orphaned
+
+
+def _close_orphans() -> None:
+    """Runs a `kill -9` left RUNNING end FAILED, in one line each. Called by train and evaluate
+    alike: whichever runs first in the next pipeline closes them, also when DVC restores train
+    from its run-cache instead of running it."""
+    for run_id in fail_orphaned_runs():
+        print(f"tracking: run {run_id} was left RUNNING by a process that died; marked FAILED")
+
+
+def _owned_here() -> dict[str, str]:
+    """The owner tags of a run this process writes to (what fail_orphaned_runs checks)."""
+    return {TAG_PID: str(os.getpid()), TAG_HOST: socket.gethostname()}
 
 
 @contextlib.contextmanager
@@ -219,8 +235,7 @@ def training_run(
     if not offline():
         connect()
         outage.sync_first()
-        for run_id in fail_orphaned_runs():
-            print(f"tracking: run {run_id} was left RUNNING by a process that died; marked FAILED")
+        _close_orphans()
     tags = {**git_tags(project_root()), **dvc_experiment_tags(), **(facts or {})}
     params = {key: _portable(value) for key, value in params.items()}
     # The short commit tells apart runs of the same configuration made from different code.
@@ -273,6 +288,8 @@ def evaluation_run(model_md5: str, fallback_name: str) -> Iterator[tuple[RunWrit
     pending = outage.claim_spooled_run(model_md5, store_down)
     if store_down and pending is None:
         raise down_error
+    if not offline() and not store_down:
+        _close_orphans()
     tags = {**git_tags(project_root()), **dvc_experiment_tags(), TAG_MODEL_MD5: model_md5}
     if pending is not None:
         run, is_training = pending, True
@@ -284,6 +301,9 @@ def evaluation_run(model_md5: str, fallback_name: str) -> Iterator[tuple[RunWrit
         found = find_runs_by_model(model_md5)
         if found:
             run, is_training = RunWriter(found[0]), True
+            # Reopened by this process: owned by it while RUNNING, so another pipeline's
+            # fail_orphaned_runs never takes it for an orphan of train's (long gone) process.
+            run.set_tags(_owned_here())
         else:
             run = outage.new_run(fallback_name, {**_source_tags("evaluate"), **tags})
             is_training = False

@@ -259,15 +259,55 @@ def _artifact_location(uri: str) -> str | None:
     return None
 
 
+# How long a process waits for another one creating the same sqlite store (seconds).
+STORE_CREATION_WAIT = 120
+
+
+@contextlib.contextmanager
+def _one_opener_at_a_time(uri: str) -> Iterator[None]:
+    """One process at a time opens a sqlite store. Processes opening a fresh store at once
+    (parallel `dvc exp` workers on a new clone) each ran MLflow's schema migrations on it and
+    failed half-way (`duplicate column name: step`, `No such index ...`: 3 runs of 3 with four
+    processes); the first one creates it while the others wait, then they find it made. The lock
+    file sits beside the store (`.mlflow.db.lock`): whoever can create the store can create it."""
+    if not uri.startswith("sqlite:///"):
+        yield
+        return
+    from filelock import FileLock, Timeout
+
+    db = Path(urllib.parse.unquote(uri[len("sqlite:///") :].split("?", 1)[0]))
+    lock = FileLock(db.parent / f".{db.name}.lock")
+    try:
+        lock.acquire(timeout=STORE_CREATION_WAIT)
+    except Timeout:
+        raise TrackingError(
+            f"MLflow tracking URI {uri}: cannot be used (another process has been creating it "
+            f"for {STORE_CREATION_WAIT} s; lock {lock.lock_file})",
+            "store creation timed out",
+        ) from None
+    except OSError:  # the folder is missing or not writable: MLflow says so better, next
+        lock = None
+    try:
+        yield
+    finally:
+        if lock is not None:
+            lock.release()
+
+
 def connect(attempts: int = 5, uri: str | None = None) -> str:
     """Point mlflow at the store and make sure the experiment exists, marked as a model-training
     experiment for MLflow's UI; fail fast, naming the URI, if the store cannot be used.
 
-    Parallel `dvc exp` workers may race to create the sqlite schema or the experiment on a new
-    store; such a collision is retried a few times instead of failing a run.
+    A fresh sqlite store is created by one process at a time (_one_opener_at_a_time); a race to
+    create the experiment on a new server is retried a few times instead of failing a run.
     """
     uri = uri or tracking_uri_checked()
     mlflow.set_tracking_uri(uri)
+    with _one_opener_at_a_time(uri):
+        return _open(uri, attempts)
+
+
+def _open(uri: str, attempts: int) -> str:
     for attempt in range(attempts):
         try:
             client = mlflow.MlflowClient(uri)
