@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -114,3 +115,192 @@ def test_tracking_mode_is_online_offline_or_a_one_line_error(monkeypatch):
     monkeypatch.setenv(tracking.TRACKING_MODE_ENV, "later")
     with pytest.raises(UserError, match="must be online or offline, got 'later'"):
         tracking.offline()
+
+
+# --- torn lines, damaged spools, names and stores (issue 24, part 3) ---
+
+
+def test_a_torn_last_line_is_cut_before_the_next_append_so_nothing_glues_onto_it(tmp_path):
+    s = spool.Spool.create(tmp_path, "http://store", "run1")
+    s.append({"op": "params", "params": {"train.units": "64"}})
+    with open(s.path / "ops.jsonl", "a") as out:
+        out.write('{"op": "metrics", "metri')  # a crash, or a full disk, mid-line
+    # The next stage to write (another process: it reads the last seq from the file) appends.
+    spool.Spool(s.path).append({"op": "end", "status": "FINISHED", "end_time": 1})
+
+    assert [(op["seq"], op["op"]) for op in s.ops()] == [(1, "params"), (2, "end")]
+    assert (s.path / "ops.jsonl").read_text().count("\n") == 2
+
+
+def _store(tmp_path, monkeypatch, name="store"):
+    """A real sqlite MLflow store for this project (cwd = tmp_path, its root)."""
+    uri = f"sqlite:///{tmp_path / f'{name}.db'}"
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.delenv("MNIST_LSTM_TRACKING", raising=False)
+    return uri
+
+
+def _spooled_run(root, uri, name, artifact=None):
+    """A spool as an offline stage leaves it: a run to create, a param, a metric, an end."""
+    s = spool.Spool.create(
+        root, uri, None, {"run_name": name, "start_time": 1, "tags": {"who": name}}
+    )
+    s.append({"op": "params", "params": {"name": name}})
+    s.append({"op": "metrics", "metrics": {"loss": 0.5}, "step": 0, "timestamp": 1})
+    if artifact is not None:
+        s.append({"op": "artifact", "artifact_path": "reports"}, [(artifact, artifact.name)])
+    s.append({"op": "end", "status": "FINISHED", "end_time": 2})
+    s.release()
+    return s
+
+
+def _runs(uri):
+    import mlflow
+
+    client = mlflow.MlflowClient(uri)
+    experiment = client.get_experiment_by_name("mnist-lstm")
+    if experiment is None:
+        return []
+    return client.search_runs([experiment.experiment_id])
+
+
+def _make_sync(capsys) -> tuple[int, str, str]:
+    from mnist_lstm import sync
+
+    code = sync.main([])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_a_spool_that_cannot_be_read_is_moved_aside_and_the_others_sync(
+    tmp_path, monkeypatch, capsys
+):
+    uri = _store(tmp_path, monkeypatch)
+    first = _spooled_run(tmp_path, uri, "first")
+    middle = _spooled_run(tmp_path, uri, "middle")
+    lines = (middle.path / "ops.jsonl").read_text().splitlines(keepends=True)
+    lines[1] = '{"op": "metrics", "met{"op": "metrics", "seq": 2}\n'  # glued by an old writer
+    (middle.path / "ops.jsonl").write_text("".join(lines))
+    no_meta = _spooled_run(tmp_path, uri, "no-meta")
+    (no_meta.path / "run.json").write_text('{"spool_id": "x", "tracking_')
+    last = _spooled_run(tmp_path, uri, "last")
+
+    code, out, err = _make_sync(capsys)
+
+    assert code == 1 and "Traceback" not in err
+    assert sorted(run.data.params["name"] for run in _runs(uri)) == ["first", "last"]
+    assert not first.path.exists() and not last.path.exists()  # synced, removed
+    aside = tmp_path / spool.SPOOL_DIR / spool.QUARANTINE
+    for damaged, why in ((middle, "ops.jsonl line 2 is not an op"), (no_meta, "run.json")):
+        moved = aside / damaged.path.name
+        assert (moved / "ops.jsonl").is_file()  # kept whole, never deleted
+        (line,) = [line for line in out.splitlines() if damaged.path.name in line]
+        assert why in line and f"moved to {moved}" in line, out
+
+    # Work is still undone while they wait there: the next sync says so, and sends nothing twice.
+    code, out, _ = _make_sync(capsys)
+    assert code == 1 and out.count("waits in") == 2 and len(_runs(uri)) == 2
+
+
+def test_file_names_that_leave_the_spool_are_refused_and_nothing_is_sent(
+    tmp_path, monkeypatch, capsys
+):
+    uri = _store(tmp_path, monkeypatch)
+    secret = tmp_path / "secret.txt"
+    secret.write_text("not for the store")
+    report = tmp_path / "report.csv"
+    report.write_text("a\n1\n")
+    made = []
+    for how in ("absolute", "dotdot", "symlink"):
+        s = _spooled_run(tmp_path, uri, how, artifact=report)
+        ops = s.path / "ops.jsonl"
+        (copied,) = s.files_of(s.ops()[2])
+        if how == "symlink":
+            copied.unlink()
+            copied.symlink_to(secret)
+        else:
+            name = str(secret) if how == "absolute" else "../../../../secret.txt"
+            ops.write_text(ops.read_text().replace('"report.csv"', json.dumps(name)))
+        made.append(s)
+
+    code, out, err = _make_sync(capsys)
+
+    assert code == 1 and "Traceback" not in err
+    assert _runs(uri) == []  # not even the run was created: the spool is checked whole first
+    assert not list(tmp_path.rglob("mlruns")) and not list(tmp_path.rglob("mlartifacts"))
+    for s in made:
+        (line,) = [line for line in out.splitlines() if s.path.name in line]
+        assert "not a plain name inside the spool" in line or "not a file inside" in line, line
+    # Nor can a stage spool such a name in the first place.
+    writing = spool.Spool.create(tmp_path, uri, "run1")
+    with pytest.raises(spool.SpoolDamaged, match="not a plain name"):
+        writing.append({"op": "artifact"}, [(secret, str(secret))])
+    assert writing.ops() == [] and not (writing.path / "files" / "1").exists()
+
+
+def test_a_spool_goes_only_to_the_store_it_was_written_for(tmp_path, monkeypatch, capsys):
+    uri = _store(tmp_path, monkeypatch)
+    elsewhere = f"sqlite:///{tmp_path / 'elsewhere.db'}"
+    edited = _spooled_run(tmp_path, uri, "edited")
+    meta = json.loads((edited.path / "run.json").read_text())
+    (edited.path / "run.json").write_text(json.dumps({**meta, "tracking_uri": elsewhere}))
+
+    code, out, _ = _make_sync(capsys)
+
+    assert code == 1 and _runs(uri) == [] and _runs(elsewhere) == []
+    assert "other than the one this spool was written for" in out
+    assert (tmp_path / spool.SPOOL_DIR / spool.QUARANTINE / edited.path.name).is_dir()
+
+
+def test_a_spool_from_before_stores_were_recorded_goes_only_to_the_configured_store(
+    tmp_path, monkeypatch, capsys
+):
+    _store(tmp_path, monkeypatch)
+    other = f"sqlite:///{tmp_path / 'other.db'}"
+    s = _spooled_run(tmp_path, other, "old")
+    legacy = s.path.with_name(s.path.name.split("-")[0])  # the name spools had until 2026-11-30
+    s.path.rename(legacy)
+    meta = json.loads((legacy / "run.json").read_text())
+    (legacy / "run.json").write_text(json.dumps({**meta, "spool_id": legacy.name}))
+
+    code, out, _ = _make_sync(capsys)
+    assert code == 1 and _runs(other) == [] and f"MLFLOW_TRACKING_URI={other} make sync" in out
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", other)
+    code, out, _ = _make_sync(capsys)
+    assert code == 0 and [run.data.params["name"] for run in _runs(other)] == ["old"]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/fd")
+def test_metadata_and_outputs_are_fsynced_before_and_after_their_rename(tmp_path, monkeypatch):
+    """A crash right after a rename must find the new bytes under the name (file fsynced first)
+    and the rename itself on disk (its directory fsynced after)."""
+    import os
+
+    from mnist_lstm import contracts
+
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        real_fsync(fd)
+
+    def replace(src, dst):
+        events.append(("replace", str(src), str(dst)))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    s = spool.Spool.create(tmp_path, "http://store", "run1")
+    events.clear()
+    s.mark_synced("run1", 0)
+    contracts.write_json(tmp_path / "out" / "metrics.json", {"accuracy": 1.0})
+
+    renames = [i for i, event in enumerate(events) if event[0] == "replace"]
+    assert len(renames) == 2, events
+    for i in renames:
+        _, src, dst = events[i]
+        assert events[i - 1] == ("fsync", src), events  # the new bytes, before the rename
+        assert events[i + 1] == ("fsync", str(Path(dst).parent)), events  # the rename, after

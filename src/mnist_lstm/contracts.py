@@ -7,14 +7,16 @@ processed           `.npz`: x_train, x_val, x_holdout (n,28,28) float32 in [0, 1
                     Pixels are pixel levels / 255 (`pixels_from_levels`), so a reader may hold
                     them as their uint8 levels, a quarter of the memory (`load_processed`).
 
-Every file is written atomically (temp file + rename), so an interrupted stage never leaves a
-half-written output, and every reader uses `allow_pickle=False`.
+Every file is written atomically (temp file + rename, fsynced: `replace_durably`), so an
+interrupted stage, a crash or a full disk never leaves a half-written output, and every reader
+uses `allow_pickle=False`.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -36,6 +38,38 @@ PROCESSED_SPLITS = ("train", "val", "holdout")
 
 class ContractError(UserError):
     """A file between stages is missing, damaged or not in the documented layout."""
+
+
+class WriteError(UserError):
+    """An output could not be written (a full disk, a read-only folder); the old file stands."""
+
+
+def write_failure(err: OSError) -> str:
+    """Why a write failed, for one line: a full disk said as such, else the system's words."""
+    if err.errno in (errno.ENOSPC, errno.EDQUOT):
+        return f"the disk is full ({err.strerror})"
+    return err.strerror or one_line(err)
+
+
+def fsync_dir(path: Path) -> None:
+    """Make a rename or a new entry in `path` survive a power cut (POSIX; NTFS journals it)."""
+    if os.name == "nt":  # a directory cannot be opened, nor needs to be
+        return
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def replace_durably(tmp: Path, path: Path) -> None:
+    """`os.replace(tmp, path)` that a crash cannot turn into an empty or half file: the new bytes
+    reach the disk before the rename names them (ext4 and xfs may commit a rename before the data
+    it names), and the directory holding the rename after."""
+    with open(tmp, "rb+") as written:
+        os.fsync(written.fileno())
+    os.replace(tmp, path)
+    fsync_dir(Path(path).parent)
 
 
 def stage_arguments(
@@ -69,10 +103,19 @@ def scratch_path(near: Path, suffix: str = "") -> Iterator[Path]:
 
 @contextlib.contextmanager
 def atomic_path(path: Path) -> Iterator[Path]:
-    """Yield a temp path beside `path`; it replaces `path` only if the block succeeds."""
-    with scratch_path(path) as tmp:
-        yield tmp
-        os.replace(tmp, path)
+    """Yield a temp path beside `path`; it replaces `path`, durably, only if the block succeeds.
+    An OSError meanwhile (a full disk) is a WriteError naming `path`: the old file, or none,
+    stays, and the temp file is gone."""
+    path = Path(path)
+    try:
+        with scratch_path(path) as tmp:
+            yield tmp
+            replace_durably(tmp, path)
+    except OSError as err:
+        raise WriteError(
+            f"cannot write {path}: {write_failure(err)}; free space there (or make it writable) "
+            "and rerun the stage; the previous file, if any, is unchanged"
+        ) from None
 
 
 def write_json(path: Path, payload: Any) -> None:

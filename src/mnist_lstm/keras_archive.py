@@ -45,8 +45,9 @@ def stabilize_keras_archive(src: Path, dst: Path) -> None:
 
 
 def save_model(path: Path, model: keras.Model) -> str:
-    """Write the model atomically and byte-reproducibly; its md5, as dvc.lock will record it."""
-    with contracts.scratch_path(path) as raw, contracts.atomic_path(path) as final:
+    """Write the model atomically and byte-reproducibly; its md5, as dvc.lock will record it.
+    A full disk, even while Keras writes its own file, is one WriteError naming `path`."""
+    with contracts.atomic_path(path) as final, contracts.scratch_path(path) as raw:
         model.save(raw)
         stabilize_keras_archive(raw, final)
     return contracts.md5_file(path)

@@ -2,8 +2,10 @@
 
 `python -m mnist_lstm.sync` (`make sync`) replays every waiting run into its store, in order, and
 ends it as its stage ended (FINISHED, FAILED or KILLED); `--status` only lists what waits. Safe to
-run twice, or to interrupt and run again: nothing is logged twice. Exit 1 while a store does not
-answer (its runs keep waiting), 130 when interrupted.
+run twice, or to interrupt and run again: nothing is logged twice. A spool that cannot be read is
+moved to `.tracking-spool/quarantine/`, never deleted, and the others are sent. Exit 1 while work
+is left undone (a store does not answer: its runs keep waiting; a spool waits in quarantine), 130
+when interrupted.
 """
 
 from __future__ import annotations

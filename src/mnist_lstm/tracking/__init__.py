@@ -194,11 +194,6 @@ def _close_orphans() -> None:
         print(f"tracking: run {run_id} was left RUNNING by a process that died; marked FAILED")
 
 
-def _owned_here() -> dict[str, str]:
-    """The owner tags of a run this process writes to (what fail_orphaned_runs checks)."""
-    return {TAG_PID: str(os.getpid()), TAG_HOST: socket.gethostname()}
-
-
 @contextlib.contextmanager
 def _ending(run: RunWriter) -> Iterator[RunWriter]:
     """The run ends FINISHED, FAILED on an error, or KILLED on SIGINT/SIGTERM."""
@@ -303,7 +298,7 @@ def evaluation_run(model_md5: str, fallback_name: str) -> Iterator[tuple[RunWrit
             run, is_training = RunWriter(found[0]), True
             # Reopened by this process: owned by it while RUNNING, so another pipeline's
             # fail_orphaned_runs never takes it for an orphan of train's (long gone) process.
-            run.set_tags(_owned_here())
+            run.set_tags(outage.owner_tags())
         else:
             run = outage.new_run(fallback_name, {**_source_tags("evaluate"), **tags})
             is_training = False

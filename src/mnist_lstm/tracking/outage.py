@@ -31,7 +31,7 @@ from mlflow.entities import (
 from mlflow.exceptions import MlflowException
 from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 
-from mnist_lstm.errors import interrupts_held
+from mnist_lstm.errors import interrupts_held, one_line
 from mnist_lstm.runtime import keras
 from mnist_lstm.tracking import spool
 from mnist_lstm.tracking.models import MODEL_NAME, log_model
@@ -127,7 +127,9 @@ def _replay_model(client: mlflow.MlflowClient, run_id: str, files: list[Path]) -
 class RunWriter:
     """Where a stage's writes to its run go: straight to the store while it answers; once a write
     fails because the store is down or unreachable (after MLflow's bounded retries), that write
-    and every later one go, in order, to a spool that `make sync` replays. The stage goes on."""
+    and every later one go, in order, to a spool that `make sync` replays. The stage goes on --
+    unless the spool cannot be written either (a full disk): that ends it, in one line
+    (spool.SpoolError)."""
 
     def __init__(self, run_id: str, spool_: spool.Spool | None = None, why: str = "") -> None:
         self.uri = tracking_uri()
@@ -135,6 +137,8 @@ class RunWriter:
         self.run_id = run_id
         self.spool = spool_
         self._why = why
+        # The spool refused a write: later ones would fail alike, and must not hide the first.
+        self._broken = False
 
     @property
     def deferred(self) -> bool:
@@ -145,7 +149,11 @@ class RunWriter:
         if not is_outage(err):
             raise refusal(err, self.uri) or err
         self._why = reason(err)
-        self.spool = spool.Spool.create(project_root(), self.uri, self.run_id)
+        try:
+            self.spool = spool.Spool.create(project_root(), self.uri, self.run_id)
+        except spool.SpoolError:
+            self._broken = True
+            raise
         print(
             f"tracking: {self.uri} stopped answering ({self._why}); the run's remaining writes "
             f"go to {self.spool.path} and the stage goes on",
@@ -160,7 +168,11 @@ class RunWriter:
                 return
             except Exception as err:  # noqa: BLE001 - _defer re-raises what is not an outage
                 self._defer(err)
-        self.spool.append(op, files)
+        try:
+            self.spool.append(op, files)
+        except spool.SpoolError:
+            self._broken = True
+            raise
 
     def log_params(self, params: dict[str, Any]) -> None:
         self._write({"op": "params", "params": {k: str(v) for k, v in params.items()}})
@@ -202,13 +214,23 @@ class RunWriter:
         self._write({"op": "status", "status": status})
 
     def end(self, status: str) -> None:
-        self._write({"op": "end", "status": status, "end_time": _now_ms()})
+        """End the run. Ending a failed or killed stage, a spool that cannot take the write (the
+        disk full) is let be: the stage's own error is the one line to say, and a run synced
+        without its end is marked FAILED by the next stage, as any run whose process died."""
+        try:
+            self._write({"op": "end", "status": status, "end_time": _now_ms()})
+        except spool.SpoolError:
+            if status == "FINISHED":
+                raise
 
     def close(self) -> None:
-        """Release the spool to `make sync`, and say in one line how far tracking is behind."""
+        """Release the spool to `make sync`, and say in one line how far tracking is behind
+        (nothing more after a write the spool refused: the stage's error says it)."""
         if self.spool is None:
             return
         self.spool.release()
+        if self._broken:
+            return
         behind = spool.describe(self.spool.unsynced())
         why = f" ({self._why})" if self._why else ""
         print(
@@ -225,7 +247,8 @@ class RunWriter:
         return run_url(self.run_id)
 
 
-def _owner_tags() -> dict[str, str]:
+def owner_tags() -> dict[str, str]:
+    """Which process on which host writes to a RUNNING run (what fail_orphaned_runs checks)."""
     return {TAG_PID: str(os.getpid()), TAG_HOST: socket.gethostname()}
 
 
@@ -233,7 +256,7 @@ def new_run(name: str, tags: dict[str, Any], create: dict[str, Any] | None = Non
     """Create the run in the store, or (offline, or when the store just went down) in a spool
     that creates it when it syncs. `create` adds how a sync finds an existing run instead."""
     # MLflow keeps tags as text: numbers become text here, at the edge, and nowhere before.
-    tags = {key: str(value) for key, value in {**tags, **_owner_tags()}.items()}
+    tags = {key: str(value) for key, value in {**tags, **owner_tags()}.items()}
     spec = {"run_name": name, "start_time": _now_ms(), "tags": tags, **(create or {})}
     why = "MNIST_LSTM_TRACKING=offline"
     if not offline():
@@ -256,10 +279,11 @@ def new_run(name: str, tags: dict[str, Any], create: dict[str, Any] | None = Non
 
 
 def sync_first() -> None:
-    """Before a stage logs anything: replay what earlier stages left in the spool for this store."""
-    spools = spool.pending(project_root(), tracking_uri())
-    if spools:
-        sync(spools, say=lambda line: print(f"tracking: {line}", flush=True))
+    """Before a stage logs anything: replay what earlier stages left in the spool for this store
+    (and move aside, in a line each, spools that cannot be read)."""
+    root = project_root()
+    if spool.pending(root, tracking_uri()) or spool.damaged(root):
+        sync(say=lambda line: print(f"tracking: {line}", flush=True), uri=tracking_uri())
 
 
 def _spooled_run_for_model(model_md5: str) -> spool.Spool | None:
@@ -320,39 +344,88 @@ def _replay(deferred: spool.Spool, check: Callable[[], None]) -> tuple[str, int]
     """Send a spool's unsynced ops in order, recording each as done; (run id, ops sent)."""
     client = mlflow.MlflowClient(deferred.tracking_uri)
     run_id = deferred.run_id
-    if run_id is None:
-        run_id = _create_spooled_run(client, deferred)
-        deferred.mark_synced(run_id, 0)
     sent = 0
-    for op in deferred.unsynced():
-        check()
-        _apply(client, run_id, op, deferred.files_of(op))
-        deferred.mark_synced(run_id, op["seq"])
-        sent += 1
+    try:
+        if run_id is None:
+            run_id = _create_spooled_run(client, deferred)
+            deferred.mark_synced(run_id, 0)
+        for op in deferred.unsynced():
+            check()
+            _apply(client, run_id, op, deferred.files_of(op))
+            deferred.mark_synced(run_id, op["seq"])
+            sent += 1
+    except (KeyError, TypeError, ValueError) as err:  # an op that lacks what its kind needs
+        raise spool.SpoolDamaged(f"op {sent + 1} cannot be replayed ({one_line(err)})") from None
     return run_id, sent
 
 
-def sync(spools: list[spool.Spool] | None = None, say: Callable[[str], None] = print) -> bool:
-    """Replay spools (all of this project's by default) into their stores, saying a line per run
-    before and after; False when a store did not answer (its spools stay as they are).
+def _put_aside(deferred: spool.Spool, err: spool.SpoolDamaged, say: Callable[[str], None]) -> None:
+    """A spool that cannot be read goes to quarantine, never deleted; one line says where."""
+    name = deferred.path.name
+    if deferred.writer_alive():
+        say(f"spool {name}: cannot be read ({err}); left in {deferred.path} while its stage runs")
+        return
+    where = deferred.quarantine(str(err))
+    say(
+        f"spool {name}: cannot be read ({err}); moved to {where}, unsent: look at it, then "
+        "delete it (the other runs sync)"
+    )
 
-    Idempotent and resumable: each op is recorded as sent once the store has it, and an op sent
-    twice (a sync killed between the two) changes nothing. SIGINT/SIGTERM stop it between two ops
-    (KeyboardInterrupt).
+
+def sync(say: Callable[[str], None] = print, uri: str | None = None) -> bool:
+    """Replay this project's spools (only those for `uri` when given) into their stores, saying a
+    line per run before and after; False when work is left undone: a store did not answer (its
+    spools stay as they are), or a spool could not be read (moved to quarantine, never deleted;
+    without `uri`, `make sync`, also those moved there before).
+
+    Each spool goes only to the store it was written for (spool.py: a run.json edited to another
+    is refused, and a spool from before that was recorded only to the store configured now), and
+    is checked whole before anything of it is sent. Idempotent and resumable: each op is recorded
+    as sent once the store has it, and an op sent twice (a sync killed between the two) changes
+    nothing. SIGINT/SIGTERM stop it between two ops (KeyboardInterrupt).
     """
     root = project_root()
     complete = True
     with spool.lock(root), interrupts_held() as check:
-        for deferred in spools if spools is not None else spool.pending(root):
+        if uri is None:
+            for aside in spool.quarantined(root):
+                complete = False
+                say(f"spool {aside.name}: unreadable, waits in {aside}: look at it, then delete it")
+        for deferred, err in spool.damaged(root):
+            complete = False
+            _put_aside(deferred, err, say)
+        for deferred in spool.pending(root, uri):
             if not deferred.path.is_dir():
                 continue  # removed by a sync that held the lock before us
-            todo = deferred.unsynced()
-            uri = deferred.tracking_uri
-            if todo:
-                say(f"run {deferred.display_id}: sending {spool.describe(todo)} to {uri}")
             try:
-                connect(uri=uri, attempts=1)
+                deferred.verify()
+                todo = deferred.unsynced()
+            except spool.SpoolDamaged as err:  # changed since it was listed
+                complete = False
+                _put_aside(deferred, err, say)
+                continue
+            store = deferred.tracking_uri
+            if not deferred.bound and store != tracking_uri():
+                complete = False
+                say(
+                    f"run {deferred.display_id}: its spool predates the record of its store, so "
+                    f"it goes only to the store configured now; to send it to {store}, run "
+                    f"`MLFLOW_TRACKING_URI={store} make sync`"
+                )
+                continue
+            if todo:
+                say(f"run {deferred.display_id}: sending {spool.describe(todo)} to {store}")
+            try:
+                connect(uri=store, attempts=1)
                 run_id, _ = _replay(deferred, check)
+            except spool.SpoolDamaged as err:
+                complete = False
+                _put_aside(deferred, err, say)
+                continue
+            except spool.SpoolError as err:
+                complete = False
+                say(f"run {deferred.display_id}: not synced: {err}")
+                continue
             except (TrackingError, MlflowException, OSError) as err:
                 complete = False
                 refused = err if isinstance(err, TrackingError) and err.refused else refusal(err)
@@ -361,27 +434,39 @@ def sync(spools: list[spool.Spool] | None = None, say: Callable[[str], None] = p
                 elif isinstance(err, TrackingError) or is_outage(err):
                     why = err.reason if isinstance(err, TrackingError) else reason(err)
                     say(
-                        f"run {deferred.display_id}: not synced, {uri} does not answer "
+                        f"run {deferred.display_id}: not synced, {store} does not answer "
                         f"({why}); `make sync` again once it does"
                     )
                 else:  # e.g. the run was deleted there: nothing to retry, nothing to throw away
                     say(
-                        f"run {deferred.display_id}: {uri} refused a write ({reason(err)}); "
+                        f"run {deferred.display_id}: {store} refused a write ({reason(err)}); "
                         f"the rest stays in {deferred.path}"
                     )
                 continue
             if deferred.finished():
                 deferred.remove()
-                say(f"run {run_id}: in sync with {uri}")
+                say(f"run {run_id}: in sync with {store}")
             else:
                 say(f"run {run_id}: sent what there was; its stage is still writing")
     return complete
 
 
 def waiting() -> list[str]:
-    """A line per run with writes waiting in this project's spool (for `make lineage`)."""
+    """A line per run with writes waiting in this project's spool (for `make lineage`), and per
+    spool that cannot be read."""
+    root = project_root()
     return [
-        f"run {s.display_id}: {spool.describe(s.unsynced())} wait for {s.tracking_uri}"
-        + (" (its stage is still writing)" if s.writer_alive() else " (`make sync`)")
-        for s in spool.pending(project_root())
+        *(
+            f"run {s.display_id}: {spool.describe(s.unsynced())} wait for {s.tracking_uri}"
+            + (" (its stage is still writing)" if s.writer_alive() else " (`make sync`)")
+            for s in spool.pending(root)
+        ),
+        *(
+            f"spool {s.path.name}: cannot be read ({err}); `make sync` moves it to quarantine"
+            for s, err in spool.damaged(root)
+        ),
+        *(
+            f"spool {path.name}: could not be read, waits in {path}"
+            for path in spool.quarantined(root)
+        ),
     ]
