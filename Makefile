@@ -199,7 +199,7 @@ sync: install
 # MNIST_LSTM_SHARE_TIMEOUT=SECONDS bounds an SSH DVC remote that does not answer (default 30).
 GIT_REMOTE ?= origin
 share: install
-	python -m mnist_lstm.share --git-remote $(GIT_REMOTE) $(if $(FORCE),--force) $(EXPS)
+	python -m mnist_lstm.share --git-remote $(GIT_REMOTE) $(if $(filter 1 yes true,$(FORCE)),--force) $(EXPS)
 
 # Another host of a training cluster (docs/team.md): TF_CONFIG names every host and this one's
 # task; the chief runs `dvc repro` (or `dvc exp run`) with its own TF_CONFIG. This host prepares

@@ -4,6 +4,7 @@ they are told apart when they disagree, get lost or never come."""
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 
@@ -215,3 +216,42 @@ def test_more_hosts_in_params_than_tf_config_names_is_one_line(monkeypatch):
     params = TrainParams.model_validate({**default_params()["train"], "hosts": 2})
     with pytest.raises(UserError, match="train.hosts is 2 but TF_CONFIG names no cluster"):
         devices.place(params)
+
+
+WAITS = """
+import sys, time
+from mnist_lstm.cluster import cluster_from, formation_bound
+import os
+with formation_bound(cluster_from(os.environ), float(sys.argv[1])):
+    time.sleep(float(sys.argv[2]))  # TensorFlow forming the cluster, holding the GIL
+print("formed", flush=True)
+"""
+
+
+@pytest.mark.parametrize(("bound", "forming", "formed"), [(2, 60, False), (30, 0.5, True)])
+def test_forming_the_cluster_is_bounded_by_a_watchdog_process(bound, forming, formed):
+    """The watchdog ends a process whose cluster never forms, naming the hosts that never came
+    (nothing listens on ports 1 and 2 of 127.0.0.1), and leaves one whose cluster formed alone."""
+    import subprocess
+    import sys
+    import time
+
+    env = {**os.environ, **tf_config({"worker": ["127.0.0.1:1", "127.0.0.1:2"]}, "worker", 0)}
+    started = time.monotonic()
+    done = subprocess.run(
+        [sys.executable, "-c", WAITS, str(bound), str(forming)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    took = time.monotonic() - started
+    if formed:
+        assert done.returncode == 0 and done.stdout == "formed\n" and done.stderr == ""
+    else:
+        assert done.returncode != 0 and took < 30, (done.returncode, took)
+        assert done.stderr.splitlines() == [
+            "error: training across 2 hosts: host 1 (127.0.0.1:2) never came within 2 s "
+            "(MNIST_LSTM_CLUSTER_TIMEOUT); nothing was trained or written: start train on every "
+            "host with the same TF_CONFIG"
+        ]

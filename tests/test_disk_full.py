@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import errno
 import json
+import mmap
 import os
-import resource
 import subprocess
 import sys
 from pathlib import Path
@@ -113,9 +113,9 @@ def test_a_run_whose_spool_fills_up_fails_with_the_first_error_alone(
     run = RunWriter("run1", s)
     # An op that ends ops.jsonl at a page boundary: any later line needs a page, and none is left.
     line = len(json.dumps({**metrics_op(0), "seq": 1, "files": []}, sort_keys=True)) + 1
-    pad = {"op": "metrics", "metrics": {"m" * (resource.getpagesize() - line + 2): 0.5}}
+    pad = {"op": "metrics", "metrics": {"m" * (mmap.PAGESIZE - line + 2): 0.5}}
     s.append({**metrics_op(0), **pad})
-    assert (s.path / "ops.jsonl").stat().st_size == resource.getpagesize()
+    assert (s.path / "ops.jsonl").stat().st_size == mmap.PAGESIZE
     fill(disk)
     with pytest.raises(spool.SpoolError):
         run.log_metrics({"loss": 0.5}, step=1)

@@ -10,6 +10,8 @@ import subprocess
 import sys
 import tomllib
 from pathlib import Path
+from urllib.parse import urlparse
+from urllib.request import url2pathname
 
 import yaml
 
@@ -40,7 +42,8 @@ def test_a_logged_model_pins_pip_in_its_conda_env(tmp_path, monkeypatch, caplog)
     with caplog.at_level(logging.WARNING):
         _, model_id, _ = log_model_run(tmp_path, seed=0)
     location = mlflow.MlflowClient().get_logged_model(model_id).artifact_location
-    conda = yaml.safe_load((Path(location.removeprefix("file://")) / "conda.yaml").read_text())
+    folder = Path(url2pathname(urlparse(location).path))  # file:///C:/... on Windows
+    conda = yaml.safe_load((folder / "conda.yaml").read_text())
     pins = [dep for dep in conda["dependencies"] if isinstance(dep, str) and dep.startswith("pip")]
     # As MLflow writes it: no newer pip than the one the model was logged with.
     assert pins == [f"pip<={importlib.metadata.version('pip')}"]

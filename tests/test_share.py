@@ -61,12 +61,14 @@ def local_ref(work: Path, env: dict[str, str], name: str) -> str:
     return ref
 
 
+@pytest.mark.e2e
 def test_outside_a_dvc_project_is_one_line(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
     line = refused(run([*SHARE, "exp-a"], tmp_path, env, check=False))
     assert "not inside a DVC project" in line and "nothing was pushed" in line
 
 
+@pytest.mark.e2e
 def test_an_unknown_name_or_a_missing_remote_is_one_line(tmp_path):
     work, env, git_dir, store = shared_project(tmp_path)
 

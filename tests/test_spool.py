@@ -4,6 +4,7 @@ tracking mode switch; the outage itself is tested with real servers in test_outa
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -212,7 +213,8 @@ def test_file_names_that_leave_the_spool_are_refused_and_nothing_is_sent(
     report = tmp_path / "report.csv"
     report.write_text("a\n1\n")
     made = []
-    for how in ("absolute", "dotdot", "symlink"):
+    # A symlink needs a privilege on Windows: there, names only.
+    for how in ("absolute", "dotdot", "symlink")[: 2 if os.name == "nt" else 3]:
         s = _spooled_run(tmp_path, uri, how, artifact=report)
         ops = s.path / "ops.jsonl"
         (copied,) = s.files_of(s.ops()[2])

@@ -11,13 +11,15 @@ import contextlib
 import json
 import os
 import re
-import select
 import signal
 import socket
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
+
+import psutil
 
 from mnist_lstm.errors import UserError, one_line
 
@@ -183,8 +185,8 @@ def formation_bound(cluster: Cluster, timeout: float) -> Iterator[None]:
     others until their registration times out), holding Python's GIL: no thread of this process
     runs meanwhile, and no signal handler. A watchdog process (this module's `main`, with no
     TensorFlow in it) waits on a pipe; when the block exits the pipe closes and it leaves. When the
-    time is up first, it names the hosts that never came and kills this process: nothing is open
-    or written yet, train has not begun.
+    time is up first, it names the hosts that never came and kills this process (SIGKILL: exit
+    status 137 from a shell): nothing is open or written yet, train has not begun.
     """
     watchdog = subprocess.Popen(
         [sys.executable, "-m", "mnist_lstm.cluster", str(os.getpid()), str(timeout)],
@@ -200,14 +202,23 @@ def formation_bound(cluster: Cluster, timeout: float) -> Iterator[None]:
 def main(argv: list[str] | None = None) -> int:
     """The watchdog: `python -m mnist_lstm.cluster PID TIMEOUT`, TF_CONFIG in its environment."""
     parent, timeout = argv or sys.argv[1:]
+    # Ctrl-C reaches the whole process group: train handles it; this one leaves with the pipe.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     cluster = cluster_from(os.environ)
-    ready, _, _ = select.select([sys.stdin], [], [], float(timeout))
-    if ready or cluster is None:  # formed (the pipe closed), or the parent is gone
+    # The pipe closes when the cluster formed or the parent is gone. Read by a thread: select()
+    # takes no pipe on Windows.
+    closed = threading.Event()
+    # (os.read, not sys.stdin: a daemon thread blocked in a buffered reader fails the exit.)
+    fd = sys.stdin.fileno()
+    threading.Thread(target=lambda: (os.read(fd, 1), closed.set()), daemon=True).start()
+    if closed.wait(float(timeout)) or cluster is None:
         return 0
     line = never_came(cluster, float(timeout), absent(cluster))
+    if closed.is_set():  # formed while the hosts were probed
+        return 0
     print(f"error: {line}", file=sys.stderr, flush=True)
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(int(parent), signal.SIGKILL)
+    with contextlib.suppress(psutil.Error):
+        psutil.Process(int(parent)).kill()
     return 0
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import errno
+import http.client
 import os
 import signal
 import socket
@@ -96,6 +97,10 @@ class HeldOutput:
             print("".join(self._held), end="", flush=True)
             self._held, self.released = [], True
 
+    def held(self) -> str:
+        with self._lock:
+            return "".join(self._held)
+
     def finish(self) -> str:
         """After the server exited: what is still held."""
         self._pump.join(timeout=10)
@@ -103,12 +108,26 @@ class HeldOutput:
             return "".join(self._held)
 
 
+# Straight to the port: a proxy in http_proxy would answer for it (or never).
+_DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
 def answers(port: int) -> bool:
     try:
-        with urllib.request.urlopen(f"http://{HOST}:{port}/ping", timeout=1) as response:
+        with _DIRECT.open(f"http://{HOST}:{port}/ping", timeout=1) as response:
             return response.status == 200
-    except OSError:
+    except (OSError, http.client.HTTPException):  # not up yet, or not an HTTP server
         return False
+
+
+def says_it_listens(output: str, port: int) -> bool:
+    """Whether the server's own output says it bound the port (uvicorn: `Uvicorn running on
+    http://127.0.0.1:5002`; gunicorn: `Listening at: …`). /ping alone could be answered by
+    another server on that port: a second `make serve` started at the same moment."""
+    return any(
+        ("running on" in line or "listening at" in line) and f":{port}" in line
+        for line in output.lower().splitlines()
+    )
 
 
 def _stop(server: subprocess.Popen) -> None:
@@ -128,9 +147,11 @@ def _stop(server: subprocess.Popen) -> None:
 
 
 def _end_group(pgid: int) -> None:
-    """Whatever of the server's process group outlived it (nothing, as a rule) is killed."""
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(pgid, signal.SIGKILL)
+    """Whatever of the server's process group outlived it (nothing, as a rule) is killed.
+    (No process groups on Windows: there the server's own exit is all there is.)"""
+    if hasattr(os, "killpg"):
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(pgid, signal.SIGKILL)
 
 
 @exits_cleanly
@@ -169,9 +190,16 @@ def main(argv: list[str] | None = None) -> int:
             output = HeldOutput(server.stdout)
             # Polled, not a blocking wait: exits_cleanly restarts interrupted system calls, and a
             # restarted waitpid would leave Ctrl-C unheard until the server exits by itself.
+            answering_since = None
             while (status := server.poll()) is None:
                 if not output.released and answers(args.port):
-                    output.release()
+                    answering_since = answering_since or time.monotonic()
+                    # Its own line says it bound the port; failing that, a port that answered
+                    # for 10 s is its (a server that lost the bind exits within seconds).
+                    if says_it_listens(output.held(), args.port) or (
+                        time.monotonic() - answering_since > 10
+                    ):
+                        output.release()
                 time.sleep(0.5)
         except KeyboardInterrupt:
             if server is not None:

@@ -101,7 +101,10 @@ def experiment_refs(repo: Repo, names: list[str]) -> list[ExpRefInfo]:
     if not names:
         refs = exp_refs_from_rev(repo.scm, ["HEAD"])
         if not refs:
-            raise UserError("share: no experiments of this commit to push (see `dvc exp show`)")
+            raise UserError(
+                "share: no experiments of this commit to push: run one (`dvc exp run`), or name "
+                f"them (`make share EXPS=...`; `dvc exp list --all-commits`); {NOTHING_PUSHED}"
+            )
         return sorted(refs, key=str)
     try:
         return sorted(exp_refs_from_names(repo.scm, names), key=str)
@@ -265,7 +268,12 @@ def main(argv: list[str] | None = None) -> int:
     timeout = args.timeout or _seconds(
         os.environ.get(TIMEOUT_ENV, str(DEFAULT_TIMEOUT)), TIMEOUT_ENV
     )
-    outcome = share(args.git_remote, args.dvc_remote, args.experiments, args.force, timeout)
+    from dvc.exceptions import DvcException
+
+    try:
+        outcome = share(args.git_remote, args.dvc_remote, args.experiments, args.force, timeout)
+    except DvcException as err:  # any other of DVC's own (a broken .dvc/config, ...)
+        raise UserError(f"share: {_reason(err, timeout)}; {NOTHING_PUSHED}") from None
     pushed, there = outcome["pushed"], outcome["up_to_date"]
     if pushed:
         line = f"share: pushed {', '.join(pushed)} (data, then refs to {args.git_remote!r})"

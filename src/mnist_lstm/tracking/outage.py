@@ -365,7 +365,14 @@ def _put_aside(deferred: spool.Spool, err: spool.SpoolDamaged, say: Callable[[st
     if deferred.writer_alive():
         say(f"spool {name}: cannot be read ({err}); left in {deferred.path} while its stage runs")
         return
-    where = deferred.quarantine(str(err))
+    try:
+        where = deferred.quarantine(str(err))
+    except OSError as moving:  # a full disk, no permission: it stays unsent where it is
+        say(
+            f"spool {name}: cannot be read ({err}); cannot move it aside either "
+            f"({moving.strerror or moving}): left in {deferred.path}, unsent"
+        )
+        return
     say(
         f"spool {name}: cannot be read ({err}); moved to {where}, unsent: look at it, then "
         "delete it (the other runs sync)"

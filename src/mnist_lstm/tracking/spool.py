@@ -266,7 +266,8 @@ class Spool:
                 fsync_dir(copies.parent)
             line = json.dumps({**op, "seq": seq, "files": names}, sort_keys=True) + "\n"
             target = self.path / "ops.jsonl"
-            fd = os.open(target, os.O_RDWR)
+            # Bytes as written: Windows' os.open would otherwise turn each \n into \r\n.
+            fd = os.open(target, os.O_RDWR | getattr(os, "O_BINARY", 0))
             try:
                 end = _cut_torn_line(fd)
                 os.lseek(fd, end, os.SEEK_SET)
