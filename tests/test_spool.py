@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from mnist_lstm.tracking import spool
+from mnist_lstm.tracking import backlog, spool
 
 
 def test_ops_come_back_in_order_with_their_files_and_a_torn_last_line_is_ignored(tmp_path):
@@ -102,7 +102,7 @@ def test_behind_reports_count_what_waits():
         {"op": "artifact", "files": ["a.csv"]},
         {"op": "model", "files": ["model.keras", "input_example.npy"]},
     ]
-    assert spool.describe(ops) == "3 metric values, 1 artifact, the model"
+    assert backlog.describe(ops) == "3 metric values, 1 artifact, the model"
 
 
 def test_tracking_mode_is_online_offline_or_a_one_line_error(monkeypatch):

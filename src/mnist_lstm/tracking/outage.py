@@ -3,7 +3,7 @@ spool (spool.py) once it does not; `make sync`, and every stage before it logs, 
 
 The interface the rest of tracking uses: `RunWriter` (every write of a run), `new_run`,
 `sync_first`, `claim_spooled_run`, `sync`, `waiting`, `spooled_run_ids`. Every write is an op
-(`_apply` performs it), so a run synced after an outage holds what it would have held without one.
+(ops.py performs it), so a run synced after an outage holds what it would have held without one.
 """
 
 from __future__ import annotations
@@ -19,22 +19,13 @@ from typing import Any
 
 import mlflow
 import numpy as np
-from mlflow.entities import (
-    Dataset,
-    DatasetInput,
-    InputTag,
-    LoggedModelStatus,
-    Metric,
-    Param,
-    RunTag,
-)
 from mlflow.exceptions import MlflowException
-from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 
 from mnist_lstm.errors import interrupts_held, one_line
 from mnist_lstm.runtime import keras
-from mnist_lstm.tracking import spool
-from mnist_lstm.tracking.models import MODEL_NAME, log_model
+from mnist_lstm.tracking import backlog, spool
+from mnist_lstm.tracking.models import log_model
+from mnist_lstm.tracking.ops import apply_op
 from mnist_lstm.tracking.store import (
     EXPERIMENT,
     TAG_MODEL_MD5,
@@ -58,70 +49,6 @@ TAG_SPOOL_ID = "mnist_lstm.spool_id"
 
 def _now_ms() -> int:
     return int(time.time() * 1000)
-
-
-def _dataset_entity(spec: dict[str, Any]) -> Dataset:
-    return Dataset(
-        name=spec["name"],
-        digest=spec["digest"],
-        source_type=spec["source_type"],
-        source=spec["source"],
-        schema=spec["schema"],
-        profile=spec["profile"],
-    )
-
-
-def _apply(client: mlflow.MlflowClient, run_id: str, op: dict[str, Any], files: list[Path]) -> None:
-    """Perform one write on the store. The same code logs live and replays the spool, so a run
-    synced after an outage holds what it would have held without one. Every op can be repeated
-    without duplicating anything (an interrupted sync repeats at most one)."""
-    kind = op["op"]
-    if kind == "params":
-        client.log_batch(run_id, params=[Param(k, str(v)) for k, v in op["params"].items()])
-    elif kind == "tags":
-        client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in op["tags"].items()])
-    elif kind == "metrics":
-        # Same key, value, step and timestamp is the same point: the store keeps it once.
-        metrics = [
-            Metric(k, float(v), op["timestamp"], op["step"]) for k, v in op["metrics"].items()
-        ]
-        client.log_batch(run_id, metrics=metrics)
-    elif kind == "artifact":
-        for path in files:  # the same path again overwrites the same artifact
-            client.log_artifact(run_id, str(path), op.get("artifact_path"))
-    elif kind == "inputs":
-        # The store keeps one dataset per (name, digest) and one input per dataset and run.
-        client.log_inputs(
-            run_id,
-            datasets=[
-                DatasetInput(_dataset_entity(d), [InputTag(MLFLOW_DATASET_CONTEXT, d["context"])])
-                for d in op["datasets"]
-            ],
-        )
-    elif kind == "model":
-        _replay_model(client, run_id, files)
-    elif kind == "status":
-        client.update_run(run_id, status=op["status"])
-    elif kind == "end":
-        client.set_terminated(run_id, status=op["status"], end_time=op["end_time"])
-    else:
-        raise ValueError(f"unknown tracking op {kind!r}")
-
-
-def _replay_model(client: mlflow.MlflowClient, run_id: str, files: list[Path]) -> None:
-    """Log the spooled model file unless the run already holds a finished logged model (a sync
-    interrupted after logging it); a half-uploaded one is marked FAILED, not left PENDING."""
-    run = client.get_run(run_id)
-    for logged in client.search_logged_models(
-        experiment_ids=[run.info.experiment_id],
-        filter_string=f"source_run_id = '{run_id}' AND name = '{MODEL_NAME}'",
-    ):
-        if logged.status == LoggedModelStatus.READY:
-            return
-        client.finalize_logged_model(logged.model_id, LoggedModelStatus.FAILED)
-    model_file, example_file = files
-    model = keras.models.load_model(model_file, safe_mode=True)
-    log_model(model, model_file, np.load(example_file), run_id)
 
 
 class RunWriter:
@@ -164,7 +91,7 @@ class RunWriter:
         files = files or []
         if self.spool is None:
             try:
-                _apply(self.client, self.run_id, op, [source for source, _ in files])
+                apply_op(self.client, self.run_id, op, [source for source, _ in files])
                 return
             except Exception as err:  # noqa: BLE001 - _defer re-raises what is not an outage
                 self._defer(err)
@@ -231,7 +158,7 @@ class RunWriter:
         self.spool.release()
         if self._broken:
             return
-        behind = spool.describe(self.spool.unsynced())
+        behind = backlog.describe(self.spool.unsynced())
         why = f" ({self._why})" if self._why else ""
         print(
             f"tracking: {self.uri} is behind{why}: {behind} of run {self.spool.display_id} wait "
@@ -351,7 +278,7 @@ def _replay(deferred: spool.Spool, check: Callable[[], None]) -> tuple[str, int]
             deferred.mark_synced(run_id, 0)
         for op in deferred.unsynced():
             check()
-            _apply(client, run_id, op, deferred.files_of(op))
+            apply_op(client, run_id, op, deferred.files_of(op))
             deferred.mark_synced(run_id, op["seq"])
             sent += 1
     except (KeyError, TypeError, ValueError) as err:  # an op that lacks what its kind needs
@@ -421,7 +348,7 @@ def sync(say: Callable[[str], None] = print, uri: str | None = None) -> bool:
                 )
                 continue
             if todo:
-                say(f"run {deferred.display_id}: sending {spool.describe(todo)} to {store}")
+                say(f"run {deferred.display_id}: sending {backlog.describe(todo)} to {store}")
             try:
                 connect(uri=store, attempts=1)
                 run_id, _ = _replay(deferred, check)
@@ -464,7 +391,7 @@ def waiting() -> list[str]:
     root = project_root()
     return [
         *(
-            f"run {s.display_id}: {spool.describe(s.unsynced())} wait for {s.tracking_uri}"
+            f"run {s.display_id}: {backlog.describe(s.unsynced())} wait for {s.tracking_uri}"
             + (" (its stage is still writing)" if s.writer_alive() else " (`make sync`)")
             for s in spool.pending(root)
         ),

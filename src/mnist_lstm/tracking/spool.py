@@ -35,7 +35,7 @@ import shutil
 import socket
 import time
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -447,42 +447,3 @@ def quarantined(project: Path) -> list[Path]:
         return []
     found = [path for path in aside.iterdir() if path.is_dir() and not path.is_symlink()]
     return sorted(found, key=lambda path: path.stat().st_mtime)
-
-
-def count_ops(ops: Iterator[dict[str, Any]] | list[dict[str, Any]]) -> dict[str, int]:
-    """How much an op list holds, by kind: what 'tracking is behind' reports."""
-    counts = {"metrics": 0, "params": 0, "tags": 0, "artifacts": 0, "datasets": 0, "models": 0}
-    for op in ops:
-        kind = op["op"]
-        if kind == "metrics":
-            counts["metrics"] += len(op["metrics"])
-        elif kind == "params":
-            counts["params"] += len(op["params"])
-        elif kind == "tags":
-            counts["tags"] += len(op["tags"])
-        elif kind == "artifact":
-            counts["artifacts"] += len(op.get("files", []))
-        elif kind == "inputs":
-            counts["datasets"] += len(op["datasets"])
-        elif kind == "model":
-            counts["models"] += 1
-    return counts
-
-
-def describe(ops: list[dict[str, Any]]) -> str:
-    """`12 metric values, 3 params, 7 artifacts, the model` for a one-line report."""
-    counts = count_ops(ops)
-    parts = [
-        f"{n} {name if n != 1 else name.rstrip('s')}"
-        for name, n in (
-            ("metric values", counts["metrics"]),
-            ("params", counts["params"]),
-            ("tags", counts["tags"]),
-            ("artifacts", counts["artifacts"]),
-            ("datasets", counts["datasets"]),
-        )
-        if n
-    ]
-    if counts["models"]:
-        parts.append("the model")
-    return ", ".join(parts) or f"{len(ops)} status change(s)"
