@@ -80,6 +80,13 @@ def start_worker(lab, root: Path, env: dict[str, str], log: Path, **extra_env):
         )
 
 
+def start_chief(lab, root: Path, env: dict[str, str], **output) -> subprocess.Popen:
+    """The chief's side as docs/team.md runs it: `dvc repro` with its TF_CONFIG."""
+    return lab[0].popen(
+        ["dvc", "repro"], cwd=root, env={**env, "TF_CONFIG": tf_config(lab, 0)}, **output
+    )
+
+
 def error_lines(text: str) -> list[str]:
     return [line for line in text.splitlines() if line.startswith("error: ")]
 
@@ -141,13 +148,8 @@ def test_a_killed_host_fails_the_other_in_bounded_time_with_one_line(lab, tmp_pa
     (chief_root, chief_env), (worker_root, worker_env) = two_copies(tmp_path, epochs=500)
     worker_log = tmp_path / "worker.log"
     worker = start_worker(lab, worker_root, worker_env, worker_log)
-    chief = lab[0].popen(
-        ["dvc", "repro"],
-        cwd=chief_root,
-        env={**chief_env, "TF_CONFIG": tf_config(lab, 0)},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
+    chief = start_chief(
+        lab, chief_root, chief_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
     wait_for_epoch_3(worker_log, chief)
     os.killpg(worker.pid, signal.SIGKILL)
@@ -179,12 +181,8 @@ def test_a_killed_chief_stops_every_worker_in_bounded_time_writing_nothing(lab, 
     (chief_root, chief_env), (worker_root, worker_env) = two_copies(tmp_path, epochs=500)
     worker_log = tmp_path / "worker.log"
     worker = start_worker(lab, worker_root, worker_env, worker_log)
-    chief = lab[0].popen(
-        ["dvc", "repro"],
-        cwd=chief_root,
-        env={**chief_env, "TF_CONFIG": tf_config(lab, 0)},
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+    chief = start_chief(
+        lab, chief_root, chief_env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
     wait_for_epoch_3(worker_log, worker)
     os.killpg(chief.pid, signal.SIGKILL)
