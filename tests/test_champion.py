@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import subprocess
 import tempfile
@@ -26,6 +27,7 @@ import yaml
 from PIL import Image
 
 from conftest import (
+    REPO,
     commit,
     free_port,
     invoke,
@@ -403,3 +405,60 @@ def test_a_replaced_champion_artifact_is_refused_by_serve_and_predict(
     assert error_lines(predicted) == [refusal]
     assert served.returncode == 1 and "serve: starting" not in served.stdout
     assert error_lines(served) == [refusal]
+
+
+def lines_starting(text: str, prefix: str) -> list[str]:
+    return [line for line in text.splitlines() if line.startswith(prefix)]
+
+
+@pytest.mark.e2e
+@pytest.mark.slow
+def test_make_lineage_of_the_champion_names_the_registered_run_not_the_newest_tagged_one(
+    project, forged, promoted, tmp_path
+):
+    root, env = project
+    genuine_id, forged_id, _ = forged
+    version = project_registry(root).get_model_version_by_alias("mnist-lstm", "champion")
+    shutil.copy2(REPO / "Makefile", root / "Makefile")
+    # `make lineage` as a user types it; -o install: the tiny project has no venv of its own.
+    result = run(["make", "-o", "install", "lineage", f"REF={CHAMPION}"], root, env)
+    assert "Traceback" not in result.stdout + result.stderr
+    (run_line,) = lines_starting(result.stdout, "run ")
+    assert run_line.split()[1] == version.run_id == genuine_id != forged_id
+    assert lines_starting(result.stdout, "md5        models/model.keras: ") == [
+        f"md5        models/model.keras: {version.tags['model_md5']}"
+    ]
+    assert lines_starting(result.stdout, "reproduces ")[0].startswith("reproduces yes")
+
+
+@pytest.mark.e2e
+@pytest.mark.slow
+def test_predict_by_default_predicts_with_the_champion(project, forged, promoted, tmp_path):
+    import mlflow
+
+    from mnist_lstm.predict import read_image, to_mnist
+
+    root, env = project
+    _, forged_id, _ = forged
+    client = project_registry(root)
+    with np.load(root / "data" / "processed" / "mnist.npz") as data:
+        holdout = data["x_holdout"]
+    pngs = []
+    for index, x in enumerate(holdout):
+        pngs.append(tmp_path / f"holdout{index}.png")
+        Image.fromarray((x * 255).astype(np.uint8)).resize((112, 112)).save(pngs[-1])
+    forged_model = client.search_logged_models(
+        experiment_ids=[client.get_run(forged_id).info.experiment_id],
+        filter_string=f"source_run_id = '{forged_id}'",
+    )[0]
+    # The workspace now holds another model (an experiment's, say): predict must not use it.
+    other = stored_keras_file(forged_model.model_id).read_bytes()
+    with replaced(root / "models" / "model.keras", other):
+        predicted = py(root, env, "predict", *map(str, pngs))  # no --model: the champion
+    digits = [int(line.rsplit(": ", 1)[1].split()[0]) for line in predicted.stdout.splitlines()]
+
+    images = np.stack([to_mnist(read_image(png)) for png in pngs])
+    champion = mlflow.pyfunc.load_model(CHAMPION).predict(images).argmax(axis=1)
+    newest = mlflow.pyfunc.load_model(f"models:/{forged_model.model_id}").predict(images)
+    assert digits == champion.tolist()
+    assert digits != newest.argmax(axis=1).tolist()  # the other model would answer otherwise

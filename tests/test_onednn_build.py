@@ -73,7 +73,13 @@ STALE = (
 )
 
 
-def install_step(env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
+def install_step(
+    env: dict[str, str], *args: str, expect: str | None = None
+) -> subprocess.CompletedProcess:
+    """`make install`'s op step as a user runs it; `expect` is the kernel CI states, if any."""
+    env = {k: v for k, v in env.items() if k != onednn_build.EXPECT_KERNEL_ENV}
+    if expect:
+        env[onednn_build.EXPECT_KERNEL_ENV] = expect
     return subprocess.run(
         [sys.executable, "-m", "mnist_lstm.onednn_build", *args],
         env=env,
@@ -110,6 +116,7 @@ def test_onednn_insists_and_fails_in_one_line_naming_the_way_out(hidden_op):
 def test_install_without_a_compiler_skips_the_op_in_one_line_and_goes_on(tmp_path):
     env = {**os.environ, onednn_build.OP_DIR_ENV: str(tmp_path)}
     env.pop("CXX", None)
+    env.pop(onednn_build.EXPECT_KERNEL_ENV, None)
     result = subprocess.run(
         without_compiler([sys.executable, "-m", "mnist_lstm.onednn_build"]),
         env=env,
@@ -144,6 +151,16 @@ def test_a_failed_compile_is_one_line_with_its_log_and_installation_goes_on(tmp_
     assert required.stderr.strip().splitlines() == [
         f"error: compiling the oneDNN LSTM op failed (exit 1); see {log}"
     ]
+    # CI states the op is expected (.ci/run): the same failed build fails `make install`.
+    expected = install_step(env, expect="onednn")
+    assert expected.returncode == 1
+    assert expected.stderr.strip().splitlines() == [
+        f"error: compiling the oneDNN LSTM op failed (exit 1); see {log} "
+        f"({onednn_build.EXPECT_KERNEL_ENV}=onednn: the op is required)"
+    ]
+    # Where CI expects Keras' LSTM (no compiler, ARM), the skip stays a skip.
+    keras = install_step(env, expect="keras")
+    assert keras.returncode == 0 and "skipped" in keras.stdout
 
 
 def stale_library(folder: Path) -> Path:

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import keras
 import numpy as np
+import pandas as pd
 import pytest
 import tensorflow as tf
 
@@ -145,3 +148,41 @@ def test_a_layer_the_op_cannot_run_is_refused_by_name(fused_op):
     model = keras.Sequential([keras.Input((7, 5)), keras.layers.LSTM(4, activation="relu")])
     with pytest.raises(UserError, match=r"'lstm.*activation is not tanh"):
         onednn_lstm.use_onednn(model)
+
+
+def train_stage(params: Path, data: Path, out: Path, env: dict[str, str]) -> pd.DataFrame:
+    """The train stage's own command (dvc.yaml's), in a fresh process; its history table."""
+    subprocess.run(
+        [sys.executable, "-m", "mnist_lstm.train", "--params", str(params), "--data", str(data)]
+        + ["--model", str(out / "model.keras"), "--history", str(out / "history.csv")],
+        env=env,
+        check=True,
+        capture_output=True,
+        timeout=900,
+    )
+    return pd.read_csv(out / "history.csv")
+
+
+@pytest.mark.slow
+def test_the_tutorial_on_the_full_data_scores_the_same_with_either_kernel(
+    tmp_path, write_params, fused_op
+):
+    """docs/performance.md: the tutorial's metrics are the same with either LSTM kernel. The full
+    60,000 images from the packaged MNIST copy, 10 epochs each (~80 s per kernel on 2 cores)."""
+    from mnist_lstm import contracts
+    from mnist_lstm.fetch import fetch_package, package_wheel_path
+    from mnist_lstm.normalize import split
+
+    wheel = package_wheel_path()
+    if not wheel.is_file():
+        pytest.skip(f"{wheel} is missing: `make install` puts the packaged MNIST copy there")
+    data = tmp_path / "mnist.npz"
+    contracts.save_processed(data, split(fetch_package(wheel).arrays, 10))
+    env = dict(os.environ, MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    final = {}
+    for kernel in ("keras", "onednn"):
+        params = write_params({"train.lstm_kernel": kernel}, name=f"{kernel}.yaml")
+        history = train_stage(params, data, tmp_path / kernel, env)
+        assert len(history) == 10
+        final[kernel] = history["val_accuracy"].iloc[-1]
+    assert round(final["onednn"], 3) == round(final["keras"], 3), final

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import _thread
 import contextlib
 import functools
+import os
 import signal
 import sys
+import threading
+import time
 from collections.abc import Callable, Iterator
 
 EXIT_USER_ERROR = 1
@@ -33,8 +37,61 @@ def one_line(
 INTERRUPTS = (signal.SIGINT, signal.SIGTERM)
 
 
+# Why a SIGTERM this process sent itself came (see watch_dvc); otherwise the signal's name alone.
+_self_sent: list[str] = []
+
+
+def _signal_text(signum: int) -> str:
+    name = signal.Signals(signum).name
+    return f"{name}: {_self_sent[0]}" if _self_sent else name
+
+
 def _interrupt(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt(signal.Signals(signum).name)
+    raise KeyboardInterrupt(_signal_text(signum))
+
+
+def _dvc_ancestor():
+    """The `dvc` process that runs this stage (DVC sets DVC_STAGE for a stage's command), or None.
+
+    DVC starts the command through a shell (`/bin/sh -c`, which does not exec it), so the stage's
+    parent is the shell and `dvc` is further up: the first ancestor whose command is `dvc` or
+    `python -m dvc`."""
+    if not os.environ.get("DVC_STAGE"):
+        return None
+    import psutil
+
+    try:
+        for process in psutil.Process().parents():
+            argv = process.cmdline()
+            names = [os.path.basename(arg).removesuffix(".exe") for arg in argv[:2]]
+            if "dvc" in names or argv[1:3] == ["-m", "dvc"]:
+                return process
+    except psutil.Error:
+        return None
+    return None
+
+
+def watch_dvc(poll_s: float = 1.0) -> None:
+    """A stage ends itself, as on its own SIGTERM, when the `dvc` that runs it is gone.
+
+    SIGTERM to `dvc repro` alone (`kill <pid>`, a supervisor) kills DVC at once: it has no handler
+    and does not pass the signal on, and the shell between it and the stage waits on. The stage
+    trained on, reparented, for as long as it had epochs (measured: still at epoch 43 a minute
+    later), and would have written its outputs and logged its run behind DVC's back. Polled from a
+    daemon thread: psutil's is_running() also tells a reused pid apart."""
+    dvc = _dvc_ancestor()
+    if dvc is None:
+        return
+
+    def watch() -> None:
+        while dvc.is_running():
+            time.sleep(poll_s)
+        _self_sent.append(f"dvc (pid {dvc.pid}), which ran this stage, ended")
+        # The SIGTERM handler run in the main thread, as a real signal's is (also on Windows,
+        # where os.kill would end the process on the spot, unwinding nothing).
+        _thread.interrupt_main(signal.SIGTERM)
+
+    threading.Thread(target=watch, name="watch-dvc", daemon=True).start()
 
 
 def _restart_system_calls() -> None:
@@ -58,7 +115,7 @@ class HeldInterrupts:
         _restart_system_calls()
 
     def _hold(self, signum: int, frame: object) -> None:
-        self._held.append(signal.Signals(signum).name)
+        self._held.append(_signal_text(signum))
 
     def __call__(self) -> None:
         if self._held:
@@ -101,13 +158,15 @@ def exits_cleanly(main: Callable[..., int | None]) -> Callable[..., int]:
     """Wrap a stage's main(): a UserError becomes `error: <message>` and its exit status (1).
 
     SIGTERM (what DVC, CI runners and `kill` send) is handled like Ctrl-C: it unwinds the stage
-    through its `with` blocks, so temp files are removed and the MLflow run ends KILLED.
+    through its `with` blocks, so temp files are removed and the MLflow run ends KILLED. Run by
+    DVC, the stage does the same when the `dvc` process is gone (watch_dvc).
     """
 
     @functools.wraps(main)
     def wrapper(*args, **kwargs) -> int:
         previous = signal.signal(signal.SIGTERM, _interrupt)
         _restart_system_calls()
+        watch_dvc()
         try:
             return main(*args, **kwargs) or 0
         except UserError as err:
