@@ -134,6 +134,103 @@ def test_any_other_tensorflow_error_while_fitting_is_what_it_is():
                 raise lost(None, None, REFUSED)
 
 
+def test_the_lost_host_errors_are_the_classes_tensorflow_raises_for_a_peer_gone():
+    """LOST_HOST_ERRORS names classes; TensorFlow raises by status code (gRPC's, absl's), through
+    its table of code -> class. The classes must be the ones it raises for those four codes."""
+    from tensorflow.python.framework import errors_impl  # the table TensorFlow raises from
+
+    from mnist_lstm.distributed import LOST_HOST_ERRORS
+    from mnist_lstm.runtime import tf
+
+    gone = {tf.errors.UNAVAILABLE, tf.errors.ABORTED, tf.errors.CANCELLED}
+    gone.add(tf.errors.DEADLINE_EXCEEDED)
+    assert {errors_impl.exception_type_from_error_code(code) for code in gone} == set(
+        LOST_HOST_ERRORS
+    )
+    assert {kind(None, None, "lost").error_code for kind in LOST_HOST_ERRORS} == gone
+    # A shape mismatch, a failed check: TensorFlow's other errors are no lost host.
+    for code in (tf.errors.INVALID_ARGUMENT, tf.errors.INTERNAL, tf.errors.UNKNOWN):
+        assert not issubclass(errors_impl.exception_type_from_error_code(code), LOST_HOST_ERRORS)
+
+
+def test_a_real_tensorflow_error_that_is_no_lost_host_is_what_it_is():
+    """An error TensorFlow itself raises from a failing op, not one made up here."""
+    from mnist_lstm.distributed import cluster_failures
+    from mnist_lstm.runtime import tf
+
+    cluster = Cluster(hosts=tuple(HOSTS[:2]), rank=0, workers=2)
+    with pytest.raises(tf.errors.InvalidArgumentError, match="shapes of the replicas differ"):
+        with cluster_failures(cluster, while_fitting=lambda: True):
+            tf.debugging.assert_equal(
+                tf.constant([1, 2]), tf.constant([1, 3]), message="shapes of the replicas differ"
+            )
+
+
+# In a process of its own: an aborted collective cannot run again in the process that aborted it
+# ("Restart your program to reset"), and tests after this one use collectives.
+ABORTED_COLLECTIVE = """
+import json, sys, threading
+from mnist_lstm.cluster import Cluster
+from mnist_lstm.distributed import cluster_failures
+from mnist_lstm.errors import UserError
+from mnist_lstm.runtime import tf
+from tensorflow.python.eager import context
+
+caught = {}
+
+def member():  # one of the two members of an all-reduce: it waits for the other
+    try:
+        with tf.device("/CPU:0"):
+            tf.raw_ops.CollectiveReduceV2(
+                input=tf.constant([1.0]), group_size=tf.constant(2), group_key=tf.constant(1),
+                instance_key=tf.constant(1), ordering_token=[], merge_op="Add", final_op="Id")
+    except Exception as err:
+        caught["err"] = err
+
+waiting = threading.Thread(target=member)
+waiting.start()
+waiting.join(2)
+# What the coordination service does on the survivor when a peer's heartbeats stop.
+context.context().abort_collective_ops(tf.errors.UNAVAILABLE, sys.argv[1])
+waiting.join(60)
+err = caught["err"]
+try:
+    with cluster_failures(Cluster(hosts=tuple(sys.argv[2:]), rank=0, workers=2), lambda: True):
+        raise err
+except UserError as lost:
+    line = str(lost)
+print(json.dumps({"type": type(err).__name__, "message": err.message, "line": line}))
+"""
+HEARTBEAT_REPORT = (
+    "The following tasks are unhealthy (stopped sending heartbeats):\n"
+    "/job:worker/replica:0/task:1\n"
+    "The tasks have crashed. Check the task logs for an earlier error."
+)
+
+
+def test_a_collective_tensorflow_aborts_for_a_lost_peer_names_that_host():
+    """A real all-reduce, waiting for a peer, aborted the way TensorFlow aborts it when the
+    peer's heartbeats stop: the error TensorFlow raises (its class, its wrapping of the report)
+    is the one `cluster_failures` turns into the line naming the host."""
+    import subprocess
+    import sys
+
+    result = subprocess.run(
+        [sys.executable, "-c", ABORTED_COLLECTIVE, HEARTBEAT_REPORT, *HOSTS[:2]],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    raised = json.loads(result.stdout.splitlines()[-1])
+    assert raised["type"] == "UnavailableError"
+    assert "Collective ops is aborted by: The following tasks are unhealthy" in raised["message"]
+    assert raised["line"] == (
+        "training across 2 hosts: host 1 (10.0.0.3:2222) stopped answering (no heartbeat); steps "
+        "cannot go on without it, nothing was written: start train again on every host"
+    )
+
+
 def tables_of(*fingerprints: dict[str, str]):
     from mnist_lstm.distributed import _digest
 

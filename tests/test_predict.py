@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import struct
+import subprocess
+import sys
 import warnings
 import zlib
 from pathlib import Path
@@ -10,7 +12,7 @@ from pathlib import Path
 import keras
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 
 from mnist_lstm.predict import ImageError, main, to_mnist
 
@@ -103,6 +105,93 @@ def test_cli_predicts_each_good_file_and_reports_each_bad_one(tmp_path, model_fi
         x = to_mnist(np.asarray(Image.open(file).convert("L"), dtype=np.float32))
         p = keras.ops.convert_to_numpy(keras.ops.softmax(model(x[None])))[0]
         assert line == f"{file}: {int(p.argmax())} (confidence {p.max():.3f})"
+
+
+def rendered(
+    digit: int,
+    canvas: tuple[int, int],
+    centre: tuple[float, float],
+    font_size: int,
+    stroke: int = 0,
+    angle: float = 0.0,
+    light_paper: bool = False,
+) -> Image.Image:
+    """`digit` typeset in Pillow's own font (bundled, so the same on every platform)."""
+    image = Image.new("L", canvas, 0)
+    font = ImageFont.load_default(size=font_size)
+    ImageDraw.Draw(image).text(
+        centre, str(digit), fill=255, font=font, anchor="mm", stroke_width=stroke, stroke_fill=255
+    )
+    if angle:
+        image = image.rotate(angle, resample=Image.Resampling.BILINEAR, center=centre)
+    return Image.eval(image, lambda v: 255 - v) if light_paper else image
+
+
+def typeset_digits(seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """600 digits drawn straight into 28x28 frames, MNIST-sized (about 20 pixels tall) and near
+    the centre -- never through `to_mnist` -- in three sizes, two weights, shifted and tilted."""
+    rng = np.random.default_rng(seed)
+    x, y = [], []
+    for digit in range(10):
+        for font_size in (22, 25, 28):
+            for stroke in (0, 1):
+                for _ in range(10):
+                    dx, dy = rng.integers(-2, 3, size=2)
+                    image = rendered(
+                        digit, (28, 28), (14 + dx, 14 + dy), font_size, stroke, rng.uniform(-12, 12)
+                    )
+                    x.append(np.asarray(image, np.float32) / 255.0)
+                    y.append(digit)
+    return np.stack(x), np.array(y, np.uint8)
+
+
+def test_a_model_trained_on_typeset_digits_reads_a_big_photo_of_each(tmp_path, write_params):
+    """The whole path a user takes, with a model that has learnt something: the project's model,
+    trained on small typeset digits, reads big, heavy, off-centre, dark-on-white pictures of
+    digits it never saw through the CLI (`to_mnist` must frame them as MNIST does)."""
+    from mnist_lstm.model import build_model, compile_model
+    from mnist_lstm.params import load_params
+
+    overrides = {"train.units": 32, "train.optimizer": "adam", "train.learning_rate": 0.01}
+    (params,) = load_params(write_params({**overrides, "train.epochs": 15}), "train")
+    x, y = typeset_digits()
+    keras.utils.set_random_seed(0)
+    model = compile_model(build_model(params), params, n_train=len(x))
+    model.fit(x, y, batch_size=params.batch_size, epochs=params.epochs, verbose=0)
+    model_file = tmp_path / "model.keras"
+    model.save(model_file)
+
+    pictures = []
+    for digit in range(10):
+        picture = tmp_path / f"digit-{digit}.png"
+        rendered(
+            digit,
+            canvas=(240, 260),
+            centre=(60 + 12 * digit, 150 - 6 * digit),  # off-centre, somewhere else each time
+            font_size=140 + 10 * (digit % 3),
+            stroke=3 + digit % 3,
+            light_paper=True,
+        ).save(picture)
+        pictures.append(picture)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "mnist_lstm.predict",
+            *map(str, pictures),
+            "--model",
+            str(model_file),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    said = dict(line.rsplit(": ", 1) for line in result.stdout.splitlines())
+    assert list(said) == list(map(str, pictures))
+    read = [int(answer.split()[0]) for answer in said.values()]
+    # 10 of 10 when measured; one slip is allowed to a tiny model, more means it reads nothing.
+    assert sum(guess == digit for digit, guess in enumerate(read)) >= 9, read
 
 
 def test_cli_with_a_missing_model_file_fails_with_one_line(tmp_path, capsys):

@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -93,6 +94,62 @@ def test_pending_lists_spools_per_store_oldest_first(tmp_path):
 def test_the_lock_can_be_taken_again_by_its_holder(tmp_path):
     with spool.lock(tmp_path), spool.lock(tmp_path):
         assert spool.lock(tmp_path).is_locked
+
+
+# `python -m mnist_lstm.sync` as it is, with filelock's own debug lines on stderr: the proof that
+# it reached the lock and found it taken (filelock polls; no blocked flock shows in /proc/locks).
+SYNC_SAYING_WHEN_IT_WAITS = """
+import logging, runpy
+logging.basicConfig(level=logging.WARNING)
+logging.getLogger("filelock").setLevel(logging.DEBUG)
+runpy.run_module("mnist_lstm.sync", run_name="__main__")
+"""
+
+
+def test_syncs_in_other_processes_wait_for_the_lock_and_send_each_run_once(tmp_path, monkeypatch):
+    """`make sync` twice at once while this process holds the lock (as a stage claiming its
+    spool does): both wait, nothing is sent meanwhile, then the runs land once each."""
+    import mlflow
+
+    uri = _store(tmp_path, monkeypatch)
+    for name in ("first", "second"):
+        _spooled_run(tmp_path, uri, name)
+    env = {k: v for k, v in os.environ.items() if k != "MNIST_LSTM_TRACKING"}
+    syncs, logs = [], [tmp_path / f"sync-{i}.log" for i in range(2)]
+    waiting = f"not acquired on {spool.lock(tmp_path).lock_file}"  # not the store's own lock
+    try:
+        with spool.lock(tmp_path):
+            for log in logs:
+                with log.open("w") as out:
+                    syncs.append(
+                        subprocess.Popen(
+                            [sys.executable, "-c", SYNC_SAYING_WHEN_IT_WAITS],
+                            cwd=tmp_path,
+                            env=env,
+                            stdout=out,
+                            stderr=subprocess.STDOUT,
+                        )
+                    )
+            deadline = time.monotonic() + 120
+            while not all(waiting in log.read_text() for log in logs):
+                said = [log.read_text() for log in logs]
+                assert all(sync.poll() is None for sync in syncs), said
+                assert time.monotonic() < deadline, said
+                time.sleep(0.2)
+            assert _runs(uri) == [] and len(spool.pending(tmp_path)) == 2  # nothing sent yet
+    finally:
+        for sync in syncs:
+            sync.wait(timeout=120)
+
+    said = [log.read_text() for log in logs]
+    assert [sync.returncode for sync in syncs] == [0, 0], said
+    sent = [line for text in said for line in text.splitlines() if ": sending " in line]
+    assert len(sent) == 2, said  # one sync sent both runs, the other found nothing waiting
+    runs = _runs(uri)
+    assert sorted(run.data.params["name"] for run in runs) == ["first", "second"]
+    client = mlflow.MlflowClient(uri)
+    assert all(len(client.get_metric_history(run.info.run_id, "loss")) == 1 for run in runs)
+    assert spool.pending(tmp_path) == []
 
 
 def test_behind_reports_count_what_waits():

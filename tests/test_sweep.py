@@ -60,7 +60,10 @@ def test_four_queued_experiments_on_two_workers_all_land_in_the_repos_store(tmp_
     assert all(name in shown for name in names)
     # Nothing was written into the temporary copies DVC ran them in.
     assert not list((root / ".dvc" / "tmp").rglob("mlflow.db"))
-    logs = "".join(
-        run(["dvc", "queue", "logs", name], root, env, check=False).stdout for name in names
-    )
-    assert "database is locked" not in logs
+    for name in names:
+        # The experiment's own output (both stages, and evaluate's line naming the run it logged
+        # to): an empty or failed `dvc queue logs` must not pass the check below.
+        logs = run(["dvc", "queue", "logs", name], root, env).stdout
+        for expected in ("Running stage 'train'", "Running stage 'evaluate'", "evaluate: logged"):
+            assert expected in logs, f"{name}: {expected!r} not in its queue logs:\n{logs}"
+        assert "database is locked" not in logs, logs

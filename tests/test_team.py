@@ -20,11 +20,13 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
 import netlab
-from conftest import BIN, REPO, commit, make_project, stages_run
+from conftest import BIN, LEARNS, REPO, commit, make_project, stages_run
+from mnist_lstm import contracts
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -252,7 +254,7 @@ def runs_with_model(machine: Machine, md5: str) -> list[dict]:
         "e = c.get_experiment_by_name('mnist-lstm');"
         f"runs = c.search_runs([e.experiment_id], \"tags.`dvc.model_md5` = '{md5}'\");"
         "print(json.dumps([dict(id=r.info.run_id, name=r.info.run_name, status=r.info.status,"
-        " tags=r.data.tags) for r in runs]))"
+        " tags=r.data.tags, metrics=r.data.metrics) for r in runs]))"
     )
     return json.loads(machine.run([sys.executable, "-c", query], machine.home).stdout)
 
@@ -334,7 +336,11 @@ def test_two_workers_share_experiments_and_a_third_host_reproduces_nothing(team)
 def test_ssh_remote_unreachable_during_share_publishes_no_half_experiment(team):
     worker = team.machine("worker-c")
     work = worker.clone(team.git_url)
-    worker.run(["dvc", "exp", "run", "-n", "exp-c", "-S", "train.units=10"], work)
+    # A configuration that learns the tiny bands (conftest.LEARNS), so the metrics checked at the
+    # end tell a model that learnt from one that did not.
+    learns = [f"train.{key.split('__')[1]}={value}" for key, value in LEARNS.items()]
+    overrides = [arg for setting in ["train.units=10", *learns] for arg in ("-S", setting)]
+    worker.run(["dvc", "exp", "run", "-n", "exp-c", *overrides], work)
     before = remote_exp_refs(team)
 
     # The whole services host unreachable: one line, exit 1, no ref published.
@@ -383,4 +389,18 @@ def test_ssh_remote_unreachable_during_share_publishes_no_half_experiment(team):
     reader.run(["dvc", "pull"], fresh)
     assert stages_run(reader.run(["dvc", "repro"], fresh)) == []
     metrics = json.loads((fresh / "reports" / "metrics.json").read_text())
-    assert 0 <= metrics["val_accuracy"] <= 1
+    # ~0.97 when measured, where chance is 0.1.
+    assert metrics["val_accuracy"] >= 0.8 and metrics["holdout_accuracy"] >= 0.8, metrics
+    # The metrics are those the worker's run logged to the server for the very model pulled...
+    md5 = exp_model_md5(worker, work, "exp-c")
+    assert contracts.md5_file(fresh / "models" / "model.keras") == md5
+    (logged,) = runs_with_model(reader, md5)
+    for key in ("val_accuracy", "val_loss", "holdout_accuracy"):
+        assert logged["metrics"][f"eval/{key}"] == pytest.approx(metrics[key]), key
+    # ...and what that model file, on the pulled data, really scores.
+    import keras
+
+    data = np.load(fresh / "data" / "processed" / "mnist.npz")
+    model = keras.models.load_model(fresh / "models" / "model.keras")
+    predicted = model.predict(data["x_val"], verbose=0).argmax(axis=1)
+    assert metrics["val_accuracy"] == pytest.approx((predicted == data["y_val"]).mean(), abs=1e-6)
