@@ -54,6 +54,9 @@ def linked_tree(source: Path, target: Path) -> None:
 
 
 def make(root: Path, env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
+    """`make` as a user types it: not a sub-make of the `make test` running this suite (whose
+    MAKELEVEL and MAKEFLAGS would add `make[1]: Entering directory` lines)."""
+    env = {k: v for k, v in env.items() if k not in ("MAKELEVEL", "MAKEFLAGS", "MFLAGS")}
     return subprocess.run(
         ["make", *args], cwd=root, env=env, capture_output=True, text=True, timeout=600
     )
