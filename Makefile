@@ -64,11 +64,11 @@ run: install
 	dvc repro
 	dvc metrics show
 
-# The fast tier (2.8 min, docs/testing.md): unit tests and one real `dvc repro` end to end on tiny data.
+# The fast tier (4 min, docs/testing.md): unit tests and one real `dvc repro` end to end on tiny data.
 test: install
 	$(BIN)/python -m pytest -m "not slow"
 
-# Everything (40 min, docs/testing.md): caching, sweeps, PostgreSQL, outages, signals, the lock, the op build.
+# Everything (46 min, docs/testing.md): caching, sweeps, PostgreSQL, outages, signals, the lock, the op build.
 test-all: install
 	$(BIN)/python -m pytest
 
