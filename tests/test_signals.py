@@ -166,6 +166,15 @@ def sigterm(process: psutil.Process) -> None:
     process.send_signal(signal.SIGTERM)
 
 
+def assert_stopped_cleanly_and_recovers(
+    root: Path, env: dict[str, str], output: str, stage: str
+) -> None:
+    """The stage said it was interrupted, left nothing half-written, and the next repro works."""
+    assert_left_clean(root, env, output, stage)
+    assert "error: interrupted (SIGTERM)" in output, output
+    assert_next_repro_recovers(root, env)
+
+
 def interrupted(
     root: Path, env: dict[str, str], stage: str, when: Callable[[subprocess.Popen], str]
 ) -> tuple[str, psutil.Process]:
@@ -207,9 +216,7 @@ def test_sigterm_to_fetch_during_a_stalled_download(project):
             for connection in held:
                 connection.close()
     assert time.monotonic() - started < 60, "SIGTERM did not end a download waiting 600 s"
-    assert_left_clean(root, env, output, "fetch")
-    assert "error: interrupted (SIGTERM)" in output, output
-    assert_next_repro_recovers(root, env)
+    assert_stopped_cleanly_and_recovers(root, env, output, "fetch")
 
 
 def test_sigterm_to_normalize_while_it_writes_its_output(project):
@@ -225,18 +232,14 @@ def test_sigterm_to_normalize_while_it_writes_its_output(project):
         return ""
 
     output, _ = interrupted(root, env, "normalize", writing)
-    assert_left_clean(root, env, output, "normalize")
-    assert "error: interrupted (SIGTERM)" in output, output
-    assert_next_repro_recovers(root, env)
+    assert_stopped_cleanly_and_recovers(root, env, output, "normalize")
 
 
 def test_sigterm_to_train_mid_fit(project):
     root, env = project
     edit_params(root, train={"epochs": 10000})
     output, _ = interrupted(root, env, "train", lambda repro: read_until(repro, "Epoch 2/"))
-    assert_left_clean(root, env, output, "train")
-    assert "error: interrupted (SIGTERM)" in output, output
-    assert_next_repro_recovers(root, env)
+    assert_stopped_cleanly_and_recovers(root, env, output, "train")
 
 
 def test_sigterm_to_evaluate_once_it_logs(project):
@@ -244,9 +247,7 @@ def test_sigterm_to_evaluate_once_it_logs(project):
     module = root / "src" / "mnist_lstm" / "evaluate.py"
     module.write_text(module.read_text() + "# a change: evaluate runs again\n")
     output, _ = interrupted(root, env, "evaluate", lambda r: read_until(r, "evaluate: logging to"))
-    assert_left_clean(root, env, output, "evaluate")
-    assert "error: interrupted (SIGTERM)" in output, output
-    assert_next_repro_recovers(root, env)
+    assert_stopped_cleanly_and_recovers(root, env, output, "evaluate")
 
 
 def test_sigterm_to_dvc_repro_during_train(project):
