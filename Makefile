@@ -23,7 +23,7 @@ export PATH := $(CURDIR)/$(BIN):$(PATH)
 # Never download a Python: use the one PYTHON names (uv says so in one line if it is too old).
 export UV_PYTHON_DOWNLOADS := never
 
-.PHONY: install run test test-all lint gate promote sweep tuned bench bench-server ui ui-check server server-stop server-team server-backup server-restore serve lineage sync share worker lock lock-check arm-check clean-venv
+.PHONY: install run test test-all lint gate promote sweep tuned bench bench-server ui ui-check server server-stop server-team server-backup server-restore serve lineage reproduce sync share worker lock lock-check arm-check clean-venv
 
 # The Pythons uv.lock installs on (pyproject.toml's requires-python). Checked before anything is
 # made: another one used to fail only at `uv sync`, after downloading uv, leaving venvs of that
@@ -203,6 +203,13 @@ ui-check: install $(UI_CHECK)/node_modules/.installed
 # without REF, the run that trained the model dvc.lock records.
 lineage: install
 	python -m mnist_lstm.lineage $(REF)
+
+# Rebuild a registered model from its name, byte for byte: REF as for lineage, default the
+# champion (models:/mnist-lstm@champion). A temporary git worktree at the run's commit and params;
+# DVC's cache, remote and run-cache first, training only what they lack; the workspace untouched.
+# Exit 1, naming every recorded input that differs now, when the bytes differ.
+reproduce: install
+	python -m mnist_lstm.reproduce $(REF)
 
 # Sends what a tracking outage (or MNIST_LSTM_TRACKING=offline) left in .tracking-spool/ to the
 # store each run belongs to; safe to repeat or interrupt. STATUS=1 only lists what waits.

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import platform
 import socket
 import subprocess
 import time
@@ -44,16 +45,20 @@ from mnist_lstm.tracking.store import (
 import mlflow
 import numpy as np
 import psutil
+import yaml
 from mlflow.models import infer_signature
 from mlflow.tracking.context import registry as context_registry
 
-from mnist_lstm.runtime import keras
+from mnist_lstm.contracts import md5_file
+from mnist_lstm.runtime import keras, tf
 from mnist_lstm.tracking import outage
 from mnist_lstm.tracking.outage import TAG_HOST, TAG_PID, RunWriter
 
 __all__ = [
+    "ENVIRONMENT_TAGS",
     "EVAL_PREFIX",
     "EXPERIMENT",
+    "REPRODUCTION_FILE",
     "TAG_LSTM_KERNEL",
     "TAG_MODEL_MD5",
     "TAG_PROCESSED_MD5",
@@ -90,6 +95,59 @@ def git_tags(root: Path) -> dict[str, str]:
         "git.commit": commit or "none",
         "git.dirty": str(bool(git("status", "--porcelain", "--untracked-files=no"))).lower(),
     }
+
+
+# The artifact that records what rebuilding the run's model needs beyond its params and commit
+# (`make reproduce` reads it): the environment, and the md5 of every file the train stage
+# depends on, as dvc.lock records them.
+REPRODUCTION_FILE = "reproduction.json"
+# Tags naming what can make the same code, params and data give other bytes.
+ENVIRONMENT_TAGS = (
+    "env.python",
+    "env.tensorflow",
+    "env.keras",
+    "env.numpy",
+    "env.platform",
+    "env.cpu",
+)
+
+
+def cpu_model() -> str:
+    """The CPU's model name (kernels and floating-point paths differ between CPUs)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown"
+
+
+def environment_tags() -> dict[str, str]:
+    """What the model was built with, beyond the code and params: each can change its bytes."""
+    values = (
+        platform.python_version(),
+        tf.__version__,
+        keras.__version__,
+        np.__version__,
+        f"{platform.system()}-{platform.machine()}",
+        cpu_model(),
+    )
+    return dict(zip(ENVIRONMENT_TAGS, values, strict=True))
+
+
+def train_dependencies(stages: Path = Path("dvc.yaml")) -> dict[str, str]:
+    """{path: md5} of every file dvc.yaml lists as a train dependency, hashed as dvc.lock does
+    (folders and missing paths left out: DVC's own lock has them)."""
+    if not stages.is_file():
+        return {}
+    deps = (yaml.safe_load(stages.read_text()) or {}).get("stages", {}).get("train", {})
+    found = {}
+    for dep in deps.get("deps", []):
+        path = stages.parent / dep
+        if path.is_file():
+            found[dep] = md5_file(path)
+    return found
 
 
 def dvc_experiment_tags() -> dict[str, str]:
@@ -231,7 +289,13 @@ def training_run(
         connect()
         outage.sync_first()
         _close_orphans()
-    tags = {**git_tags(project_root()), **dvc_experiment_tags(), **(facts or {})}
+    environment = environment_tags()
+    tags = {
+        **git_tags(project_root()),
+        **dvc_experiment_tags(),
+        **environment,
+        **(facts or {}),
+    }
     params = {key: _portable(value) for key, value in params.items()}
     # The short commit tells apart runs of the same configuration made from different code.
     name = f"{run_name}@{tags['git.commit'][:7]}{'+dirty' if tags['git.dirty'] == 'true' else ''}"
@@ -239,6 +303,14 @@ def training_run(
     with _ending(run):
         run.log_params(params)
         run.log_dict(params, "params.json")
+        run.log_dict(
+            {
+                "environment": environment,
+                "facts": {key: str(value) for key, value in (facts or {}).items()},
+                "train_dependencies": train_dependencies(),
+            },
+            REPRODUCTION_FILE,
+        )
         yield run
 
 

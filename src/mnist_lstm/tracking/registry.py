@@ -192,3 +192,12 @@ def describe_run(run_id: str) -> dict[str, Any]:
         "metrics": dict(run.data.metrics),
         "tags": dict(run.data.tags),
     }
+
+
+def recorded_reproduction(run_id: str) -> dict[str, Any]:
+    """What the run recorded for rebuilding its model (tracking.REPRODUCTION_FILE); {} for a run
+    logged before it was recorded."""
+    try:
+        return mlflow.artifacts.load_dict(f"runs:/{run_id}/reproduction.json")
+    except (MlflowException, OSError, ValueError):
+        return {}
