@@ -23,7 +23,7 @@ export PATH := $(CURDIR)/$(BIN):$(PATH)
 # Never download a Python: use the one PYTHON names (uv says so in one line if it is too old).
 export UV_PYTHON_DOWNLOADS := never
 
-.PHONY: install run test test-all lint gate promote sweep tuned bench bench-server ui ui-check server server-stop server-team server-backup server-restore serve lineage reproduce sync share worker lock lock-check arm-check clean-venv
+.PHONY: install run test test-all lint gate promote sweep tuned bench bench-server bench-reproduce ui ui-check server server-stop server-team server-backup server-restore serve lineage reproduce sync share worker lock lock-check arm-check clean-venv
 
 # The Pythons uv.lock installs on (pyproject.toml's requires-python). Checked before anything is
 # made: another one used to fail only at `uv sync`, after downloading uv, leaving venvs of that
@@ -122,6 +122,12 @@ bench: install $(TORCH_VENV)/.installed
 bench-server: install
 	dvc repro normalize
 	python bench/server_overhead.py $(if $(ROUNDS),--rounds $(ROUNDS))
+
+# What `make reproduce` of the tutorial champion costs: restored from the cache, and retrained
+# against a plain `dvc repro -f`, interleaved in a clone with its own store and cache (~10 min).
+# Writes bench/reproduce.json.
+bench-reproduce: install
+	python bench/reproduce.py $(if $(ROUNDS),--rounds $(ROUNDS))
 
 # The team's tracking server: PostgreSQL (a cluster in .server/, loopback only, MLflow's role owns
 # its databases and nothing else) + `mlflow server` with proxied artifacts (ARTIFACTS=<URL> to

@@ -39,6 +39,8 @@ TEAM_FILE = {
     "worker-c": "trainer",
     "third": "reader",
     "reader": "reader",
+    "lead": "promoter",
+    "auditor": "reader",
 }
 
 
@@ -259,7 +261,18 @@ def runs_with_model(machine: Machine, md5: str) -> list[dict]:
     return json.loads(machine.run([sys.executable, "-c", query], machine.home).stdout)
 
 
-def test_two_workers_share_experiments_and_a_third_host_reproduces_nothing(team):
+# What `make promote` does once its gate passes (the tiny experiments' metrics would not): the
+# run's logged model, hashed, registered as the champion.
+REGISTER = """
+import pathlib, sys, tempfile
+from mnist_lstm.tracking import registry
+registry.connect()
+(model,) = registry.logged_models(sys.argv[1], pathlib.Path(tempfile.mkdtemp()))
+print(registry.promote(sys.argv[1], model.model_id, model.md5, None))
+"""
+
+
+def test_two_workers_share_experiments_and_third_hosts_reproduce_the_champion(team):
     worker_a, worker_b = team.machine("worker-a"), team.machine("worker-b")
     work_a, work_b = worker_a.clone(team.git_url), worker_b.clone(team.git_url)
 
@@ -331,6 +344,28 @@ def test_two_workers_share_experiments_and_a_third_host_reproduces_nothing(team)
         lineage = third.run([sys.executable, "-m", "mnist_lstm.lineage"], work).stdout
         (logged,) = runs_with_model(third, md5[exp])
         assert logged["id"] in lineage, lineage
+
+    # The lead registers exp-a's model as the champion; the third host, which pulled the
+    # experiment, and an auditor's fresh clone, which did not, each rebuild it byte for byte from
+    # its name: the experiment's own commit, or the run's commit with its logged params, and the
+    # team's DVC remote (the run-cache `make share` pushed).
+    (trained,) = runs_with_model(third, md5["exp-a"])
+    lead = team.machine("lead")
+    lead.clone(team.git_url)
+    registered = lead.run([sys.executable, "-c", REGISTER, trained["id"]], lead.home)
+    assert registered.stdout.split() == ["1"], registered.stdout
+    auditor = team.machine("auditor")
+    fresh = auditor.clone(team.git_url)
+    for machine, clone, source in (
+        (third, work, "experiment exp-a's commit"),
+        (auditor, fresh, "the run's commit"),
+    ):
+        rebuilt = machine.run([sys.executable, "-m", "mnist_lstm.reproduce"], clone)
+        assert f"md5 {md5['exp-a']}, at {source}" in rebuilt.stdout, rebuilt.stdout
+        assert rebuilt.stdout.splitlines()[-1] == (
+            "models:/mnist-lstm@champion (version 1): reproduced bit for bit "
+            "(restored from the cache)"
+        ), rebuilt.stdout
 
 
 def test_ssh_remote_unreachable_during_share_publishes_no_half_experiment(team):

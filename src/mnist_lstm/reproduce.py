@@ -362,8 +362,8 @@ def main(argv: list[str] | None = None) -> int:
         why = f"commit {wanted.tags.get('git.commit', 'none')[:12]} is not in this repository"
     else:
         say(
-            f"rebuilding {wanted.label} (run {wanted.run['run_id']}, md5 {wanted.md5}) at "
-            f"{what} {commit[:7]} in a temporary worktree"
+            f"rebuilding {wanted.label}: run {wanted.run['run_id']}, md5 {wanted.md5}, at "
+            f"{what} {commit[:7]}, in a temporary worktree"
         )
         with worktree(root, commit) as work:
             changed = apply_params(work / "params.yaml", wanted.run["params"])

@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import mlflow
 import numpy as np
@@ -16,8 +16,10 @@ from mlflow.models.model import MLMODEL_FILE_NAME
 
 from mnist_lstm.contracts import md5_file
 from mnist_lstm.errors import UserError, one_line
-from mnist_lstm.runtime import keras, tf
 from mnist_lstm.tracking.store import TrackingError, tracking_uri
+
+if TYPE_CHECKING:  # TensorFlow loads only where a model is logged or loaded (not for a lookup)
+    from mnist_lstm.runtime import keras
 
 MODEL_NAME = "model"
 # Where mlflow.keras keeps the Keras archive inside a logged model (its flavor's `data` folder,
@@ -60,12 +62,16 @@ def _requirements() -> list[str]:
     platform-neutral distributions, whatever this machine installed: `tensorflow` ships for Linux,
     macOS and Windows (CPU and GPU), `tensorflow-cpu` for two of them. NumPy is left to
     TensorFlow's own bounds: its newest release differs by Python version."""
+    from mnist_lstm.runtime import keras, tf
+
     return [f"tensorflow=={tf.__version__}", f"keras=={keras.__version__}"]
 
 
 def log_model(model: keras.Model, keras_file: Path, input_example: np.ndarray, run_id: str) -> str:
     """Log the model (mlflow.keras flavor, `keras_file` as its archive: the model saved) with a
     signature and an input example; its URI."""
+    from mnist_lstm.runtime import keras
+
     signature = infer_signature(input_example, model.predict(input_example, verbose=0))
     # MLflow test-predicts the example through pyfunc; keep its progress bars out of the log.
     keras.utils.disable_interactive_logging()
@@ -131,6 +137,8 @@ def keras_file_md5(folder: Path, name: str) -> str:
 
 def load_keras_file(folder: Path, name: str) -> keras.Model:
     """The Keras model of a downloaded, checked model folder (Keras' safe mode: no lambdas)."""
+    from mnist_lstm.runtime import keras
+
     try:
         return keras.saving.load_model(folder / KERAS_FILE, safe_mode=True)
     except Exception as err:  # noqa: BLE001 - Keras raises many types for a damaged archive

@@ -20,7 +20,6 @@ from mlflow.entities import (
 )
 from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 
-from mnist_lstm.runtime import keras
 from mnist_lstm.tracking.models import MODEL_NAME, log_model
 
 
@@ -86,5 +85,7 @@ def _replay_model(client: mlflow.MlflowClient, run_id: str, files: list[Path]) -
             return
         client.finalize_logged_model(logged.model_id, LoggedModelStatus.FAILED)
     model_file, example_file = files
+    from mnist_lstm.runtime import keras  # only a sync that logs a model loads TensorFlow
+
     model = keras.models.load_model(model_file, safe_mode=True)
     log_model(model, model_file, np.load(example_file), run_id)
