@@ -3,7 +3,9 @@
 Rounds interleave the contenders (tutorial, train stage, PyTorch, tutorial, ...) so that the
 machine's drift hits all alike. Per contender: per-epoch seconds after a warm-up epoch, whole
 process seconds and peak resident memory; then `dvc repro -f` against the bare stage commands, a
-no-op `dvc repro`, and the 10-image holdout prediction (the tutorial's loop vs one batched call).
+no-op `dvc repro`, the 10-image holdout prediction (the tutorial's loop vs one batched call), and
+what system metrics cost: `dvc repro -f -s train` sampling every `system_metrics.interval_s` (the
+committed value) against the same with sampling off, interleaved, in a scratch copy of the project.
 Prints a table (median, min, max; ratios to the tutorial and to PyTorch) and writes it as JSON.
 
 Every contender trains on the same files from `data/`; runs go to a throwaway MLflow store.
@@ -15,6 +17,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
@@ -71,6 +74,55 @@ def stage_commands() -> list[str]:
     return [stages[name]["cmd"] for name in STAGES]
 
 
+def system_metrics_overhead(
+    rounds: int, epochs: int, env: dict[str, str], scratch: Path
+) -> dict[str, object]:
+    """`dvc repro -f -s train` with system metrics sampled every `system_metrics.interval_s` (as
+    params.yaml commits it) and with sampling off (0), interleaved, in a scratch copy of the
+    project (this repository's outputs and dvc.lock stay as they are): seconds, and their ratio."""
+    project = scratch / "system-metrics"
+    for name in ("dvc.yaml", ".dvc/config", ".dvcignore", ".gitignore"):
+        (project / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(REPO / name, project / name)
+    shutil.copytree(REPO / "src", project / "src", ignore=shutil.ignore_patterns("__pycache__"))
+    (project / "data" / "processed").mkdir(parents=True)
+    shutil.copy2(REPO / "data/processed/mnist.npz", project / "data/processed/mnist.npz")
+    env = dict(env, PYTHONPATH=str(project / "src"))
+    git = ["git", "-c", "user.name=bench", "-c", "user.email=bench@mnist-lstm.invalid"]
+    for cmd in (["git", "init", "-q"], ["git", "add", "-A"], [*git, "commit", "-qm", "bench"]):
+        subprocess.run(cmd, cwd=project, env=env, check=True, capture_output=True)
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["train"]["epochs"] = epochs
+    interval = params["system_metrics"]["interval_s"]
+    if not interval:
+        raise SystemExit("bench: params.yaml samples no system metrics (interval_s: 0)")
+    dvc = str(Path(sys.executable).parent / "dvc")
+    seconds: dict[float, list[float]] = {interval: [], 0: []}
+    # Untimed: the first run in the copy hashes the data and compiles the code for the others.
+    params["system_metrics"]["interval_s"] = 0
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    timed([dvc, "repro", "-f", "-s", "train"], env, cwd=project)
+    for round_no in range(rounds):
+        for sampled in (interval, 0):
+            params["system_metrics"]["interval_s"] = sampled
+            (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+            wall = timed([dvc, "repro", "-f", "-s", "train"], env, cwd=project)[0]
+            seconds[sampled].append(wall)
+            print(
+                f"round {round_no + 1}/{rounds} `dvc repro -f -s train`, system metrics every "
+                f"{sampled:g} s: {wall:.1f}s",
+                flush=True,
+            )
+    sampling, off = summary(seconds[interval]), summary(seconds[0])
+    return {
+        "interval_s": interval,
+        "epochs": epochs,
+        "sampled_s": sampling,
+        "off_s": off,
+        "ratio": sampling["median"] / off["median"] if sampling and off else None,
+    }
+
+
 def summary(values: list[float]) -> dict[str, float] | None:
     if not values:
         return None
@@ -119,6 +171,11 @@ def main() -> int:
         action="store_true",
         help="skip the dvc and holdout figures (quick lever comparisons)",
     )
+    parser.add_argument(
+        "--system-metrics-only",
+        action="store_true",
+        help="only what system metrics cost `dvc repro -f -s train` (--rounds, --epochs)",
+    )
     args = parser.parse_args()
 
     scratch = Path(tempfile.mkdtemp(prefix="mnist-bench-"))
@@ -135,6 +192,15 @@ def main() -> int:
     raw, processed = REPO / "data/raw/mnist.npz", REPO / "data/processed/mnist.npz"
     if not (raw.exists() and processed.exists()):
         raise SystemExit("bench: run `make run` first (it writes data/)")
+    if args.system_metrics_only:
+        overhead = system_metrics_overhead(args.rounds, args.epochs, env, scratch)
+        lines = render_system_metrics(overhead)
+        print("\n".join(lines))
+        args.out.write_text(
+            json.dumps({"machine": machine(), "system_metrics_overhead": overhead}, indent=2) + "\n"
+        )
+        print(f"bench: wrote {args.out}")
+        return 0
 
     def train_stage(params_file: Path) -> list[str]:
         return [
@@ -230,6 +296,7 @@ def main() -> int:
         last_json_line(timed(loop, env)[2])["holdout_seconds"] for _ in range(rounds)
     ]
     ours = [last_json_line(timed(batched, env)[2])["holdout_seconds"] for _ in range(rounds)]
+    overhead = system_metrics_overhead(rounds, args.epochs, env, scratch) if rounds else None
 
     results = {
         "machine": machine(),
@@ -241,6 +308,7 @@ def main() -> int:
         "noop_dvc_repro_s": summary(noop),
         "holdout_tutorial_loop_s": summary(tutorial_holdout),
         "holdout_batched_s": summary(ours),
+        "system_metrics_overhead": overhead,
     }
     lines = render(results)
     print("\n".join(lines))
@@ -344,7 +412,27 @@ def render(results: dict) -> list[str]:
         "Ratios of `dvc repro -f` are to the bare stage commands; "
         "of the batched holdout, to the loop."
     )
+    if results.get("system_metrics_overhead"):
+        lines += ["", *render_system_metrics(results["system_metrics_overhead"])]
     return lines
+
+
+def render_system_metrics(overhead: dict) -> list[str]:
+    """Sampled vs off, and their ratio: what system metrics cost the train stage."""
+    sampled, off = overhead["sampled_s"], overhead["off_s"]
+    every = f"every {overhead['interval_s']:g} s"
+    return [
+        f"System metrics: `dvc repro -f -s train` ({overhead['epochs']} epochs), "
+        f"{sampled['n']} interleaved rounds.",
+        "",
+        "| system metrics | median | min | max |",
+        "|---|---|---|---|",
+        f"| sampled {every} | {sampled['median']:.2f} s | {sampled['min']:.2f} | "
+        f"{sampled['max']:.2f} |",
+        f"| off (0) | {off['median']:.2f} s | {off['min']:.2f} | {off['max']:.2f} |",
+        "",
+        f"Sampled / off: {overhead['ratio']:.3f} (medians).",
+    ]
 
 
 if __name__ == "__main__":

@@ -52,13 +52,18 @@ def lab():
 
 
 def two_copies(
-    tmp_path: Path, epochs: int, worker: dict | None = None, hosts: int = 2
+    tmp_path: Path,
+    epochs: int,
+    worker: dict | None = None,
+    hosts: int = 2,
+    both: dict | None = None,
 ) -> list[tuple[Path, dict[str, str]]]:
-    """The same project (params, data) on each host, `worker` params overriding the worker's;
-    both log to one store (the chief's), so a run the worker logged would show there."""
+    """The same project (params, data, `both`'s params) on each host, `worker` params overriding
+    the worker's; both log to one store (the chief's), so a run the worker logged would show."""
     copies = []
     for name, overrides in (("chief", {}), ("worker", worker or {})):
-        params = {**LEARNS, "train__epochs": epochs, "train__hosts": hosts, **overrides}
+        params = {**LEARNS, "train__epochs": epochs, "train__hosts": hosts, **(both or {})}
+        params.update(overrides)
         root, env = make_project(tmp_path / name, **params)
         copies.append((root, env))
     store = f"sqlite:///{copies[0][0] / 'mlflow.db'}"
@@ -100,7 +105,9 @@ def only_run(root: Path):
 
 
 def test_two_hosts_train_one_model_within_tolerance_of_one_host(lab, tmp_path):
-    (chief_root, chief_env), (worker_root, worker_env) = two_copies(tmp_path, EPOCHS)
+    # System metrics every second: each host takes a few samples while it trains.
+    copies = two_copies(tmp_path, EPOCHS, both={"system_metrics__interval_s": 1})
+    (chief_root, chief_env), (worker_root, worker_env) = copies
     worker = start_worker(lab, worker_root, worker_env, tmp_path / "worker.log")
     chief = lab[0].run(
         ["dvc", "repro"],
@@ -131,6 +138,24 @@ def test_two_hosts_train_one_model_within_tolerance_of_one_host(lab, tmp_path):
     assert logged.data.tags["train.replicas"] == "2"
     assert logged.data.tags["train.global_batch_size"] == str(2 * LEARNS["train__batch_size"])
     assert logged.info.status == "FINISHED"
+    # Each host's system metrics, under its own node id, in the chief's run: the chief's logged
+    # live from the run's start, the worker's sampled while it fit and handed over when fit ended.
+    import mlflow
+
+    client = mlflow.MlflowClient(f"sqlite:///{chief_root / 'mlflow.db'}")
+    run_id = logged.info.run_id
+    epochs = sorted(m.timestamp for m in client.get_metric_history(run_id, "loss"))
+    for node in ("host-0", "host-1"):
+        for key in ("cpu_utilization_percentage", "system_memory_usage_megabytes"):
+            points = client.get_metric_history(run_id, f"system/{node}/{key}")
+            assert sorted(p.step for p in points) == list(range(len(points))), (node, key)
+            assert len(points) >= 2, (node, key, points)
+    chief_points = client.get_metric_history(run_id, "system/host-0/cpu_utilization_percentage")
+    assert logged.info.start_time <= min(p.timestamp for p in chief_points)
+    worker_points = client.get_metric_history(run_id, "system/host-1/cpu_utilization_percentage")
+    stamps = sorted(p.timestamp for p in worker_points)
+    assert stamps[0] <= epochs[0] and epochs[0] <= stamps[-1] <= epochs[-1] + 10_000, stamps
+    assert "system metrics" not in chief.stdout + said  # no sampler failed, no hand-over did
 
     # The same project on one host.
     alone_root, alone_env = make_project(tmp_path / "alone", **{**LEARNS, "train__epochs": EPOCHS})

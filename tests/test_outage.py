@@ -172,6 +172,9 @@ def snapshot(server: MlflowServer, run: dict, once: bool = False) -> dict:
     data = run["data"]
     history = {}
     for metric in data.get("metrics", []):
+        if metric["key"].startswith("system/"):  # the machine's readings: no two runs agree
+            history[metric["key"]] = "sampled"
+            continue
         points = server.api("metrics/get-history", run_id=run_id, metric_key=metric["key"])
         values = [
             (p["step"], None if metric["key"] in TIMINGS else p["value"]) for p in points["metrics"]

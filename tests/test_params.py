@@ -4,11 +4,13 @@ import math
 from pathlib import Path
 
 import pytest
+import yaml
 
 from mnist_lstm.params import (
     FetchParams,
     NormalizeParams,
     ParamsError,
+    SystemMetricsParams,
     flatten,
     load_params,
 )
@@ -23,6 +25,17 @@ def test_committed_params_reproduce_the_tutorial():
     assert normalize == NormalizeParams(holdout_size=10)
     assert (train.units, train.batch_norm, train.optimizer) == (64, True, "sgd")
     assert (train.learning_rate, train.batch_size, train.epochs) == (0.01, 64, 10)
+
+
+def test_system_metrics_are_sampled_every_5_s_and_no_stage_depends_on_the_interval():
+    (monitoring,) = load_params(REPO / "params.yaml", "system_metrics")
+    assert monitoring == SystemMetricsParams(interval_s=5)
+    assert flatten(monitoring) == {"system_metrics.interval_s": 5.0}
+    # It changes no model and no report: DVC must never rerun a stage (or move dvc.lock) for it.
+    stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+    for name in ("train", "evaluate"):
+        assert "system_metrics" not in stages[name].get("params", []), name
+        assert "src/mnist_lstm/tracking/system_metrics.py" in stages[name]["deps"], name
 
 
 def test_params_are_frozen():
@@ -81,12 +94,20 @@ def test_flatten_names_keys_as_in_params_yaml():
         ({"train.augment_shift": 9}, "train.augment_shift must be an integer 0..8, got 9"),
         ({"train.tuning_split": -5}, "train.tuning_split must be an integer >= 0, got -5"),
         ({"train.bidirectional": 1}, "train.bidirectional must be true or false, got 1"),
+        (
+            {"system_metrics.interval_s": -1},
+            "system_metrics.interval_s must be a finite number of seconds >= 0 (0: off), got -1",
+        ),
+        (
+            {"system_metrics.interval_s": "5s"},
+            "system_metrics.interval_s must be a finite number of seconds >= 0 (0: off), got '5s'",
+        ),
     ],
 )
 def test_bad_values_name_file_key_value_and_rule(write_params, overrides, expected):
     path = write_params(overrides)
     with pytest.raises(ParamsError) as err:
-        load_params(path, "fetch", "normalize", "train")
+        load_params(path, "fetch", "normalize", "train", "system_metrics")
     message = str(err.value)
     assert message.startswith(f"{path}: ")
     assert expected in message
@@ -119,7 +140,11 @@ def test_missing_section(tmp_path):
     ("text", "expected"),
     [
         ("train: [units: 64\n", "not valid YAML at line"),
-        ("- 1\n- 2\n", "must be a mapping with sections fetch, normalize, train, gate, got [1, 2]"),
+        (
+            "- 1\n- 2\n",
+            "must be a mapping with sections fetch, normalize, train, gate, system_metrics, "
+            "got [1, 2]",
+        ),
         ("", "must be a mapping with sections"),
         ("train: 5\n", "section 'train' must be a mapping of keys, got 5"),
     ],

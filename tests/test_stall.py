@@ -136,8 +136,11 @@ def stored_runs(store: Path, model_md5: str) -> list[dict]:
             [experiment_id], filter_string=f"source_run_id = '{run_id}'"
         )
         folder = store / "artifacts" / logged.artifact_location.split("mlflow-artifacts:/")[1]
+        # System metrics are the machine's readings (no two runs agree): whether there are any.
         metrics = {
-            key: sorted(
+            key: "sampled"
+            if key.startswith("system/")
+            else sorted(
                 (m.step, None if key in TIMINGS else m.value)
                 for m in client.get_metric_history(run_id, key)
             )

@@ -205,3 +205,63 @@ def test_tensorflow_still_leaves_its_all_reduce_pool_open_when_a_reduce_fails():
     source = inspect.getsource(CollectiveAllReduce._all_reduce_per_replica_values)
     assert "pool.map(" in source and "pool.close()" in source
     assert "finally" not in source and "with multiprocessing.pool" not in source
+
+
+def test_mlflow_system_metrics_monitor_still_samples_and_names_as_system_metrics_relies_on(
+    monkeypatch,
+):
+    """tracking/system_metrics.py samples with MLflow's SystemMetricsMonitor (its `monitors`,
+    `collect_metrics`, `aggregate_metrics`, each monitor's `clear_metrics`), constructed with a
+    store it never contacts, and names the series itself as MLflow's `publish_metrics` does. When
+    this fails, follow MLflow's change there (names are what users chart and compare)."""
+    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+    from mnist_lstm.tracking import system_metrics
+
+    monitor = SystemMetricsMonitor(
+        run_id="", tracking_uri=system_metrics._NO_STORE, node_id="host-1"
+    )
+    monitor.collect_metrics()
+    values = monitor.aggregate_metrics()
+    assert {
+        "cpu_utilization_percentage",
+        "system_memory_usage_megabytes",
+        "system_memory_usage_percentage",
+        "disk_usage_percentage",
+        "network_receive_megabytes",
+    } <= values.keys()
+    logged = {}
+    monkeypatch.setattr(
+        monitor.mlflow_logger, "record_metrics", lambda metrics, step: logged.update(metrics)
+    )
+    monitor.publish_metrics(values)
+    assert logged == system_metrics.metric_names(values, "host-1")
+    assert "system/host-1/cpu_utilization_percentage" in logged
+    assert not any(m.metrics for m in monitor.monitors)  # cleared, as Sampler._clear does
+    assert system_metrics.metric_names({"cpu_utilization_percentage": 1.0}) == {
+        "system/cpu_utilization_percentage": 1.0
+    }
+
+
+def test_mlflow_system_metrics_loop_still_stops_for_good_at_the_first_failed_get_run(monkeypatch):
+    """Why system_metrics.py runs a loop of its own through the RunWriter: MLflow's own monitor
+    loop gives up at the first failed `get_run` (a store down for a moment ends a run's system
+    metrics) and logs straight to the store. When this fails, MLflow's loop may survive an outage;
+    the spool is still needed offline."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+    from mlflow.tracking.client import MlflowClient
+
+    from mnist_lstm.tracking import system_metrics
+
+    def unreachable(self, run_id):
+        raise MlflowException("the store does not answer")
+
+    monkeypatch.setattr(MlflowClient, "get_run", unreachable)
+    monitor = SystemMetricsMonitor(
+        run_id="x", sampling_interval=0.01, tracking_uri=system_metrics._NO_STORE
+    )
+    published = []
+    monkeypatch.setattr(monitor, "publish_metrics", published.append)
+    monitor.monitor()  # returns, instead of sampling on
+    assert published == []

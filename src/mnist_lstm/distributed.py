@@ -3,8 +3,9 @@ is set (devices.py), so the one-host path never loads it and no Keras internal i
 
 Here: the MultiWorkerMirroredStrategy over the hosts `TF_CONFIG` names (cluster.py reads it),
 formed within a bound (`strategy`) by hosts that agree on what they train (`agree`: params, data,
-code); the two mends Keras 3.15's `fit` needs under it (`prepare`); and a lost host turned into
-one line (`cluster_failures`).
+code); the two mends Keras 3.15's `fit` needs under it (`prepare`); a lost host turned into
+one line (`cluster_failures`); and each host's system metrics handed to the chief, which logs the
+run (`SystemMetricsToChief`).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import hashlib
+import json
 import multiprocessing.pool
 import os
 from collections.abc import Callable, Iterator
@@ -31,6 +33,7 @@ from mnist_lstm.cluster import (
 from mnist_lstm.errors import UserError, one_line
 from mnist_lstm.params import TrainParams, flatten
 from mnist_lstm.runtime import keras, tf
+from mnist_lstm.tracking import RunWriter, system_metrics
 
 # The errors that mean a host went away (killed, its link down, the cluster aborted because of
 # it); any other error of TensorFlow's is a bug or a mistake and is reported as what it is.
@@ -130,6 +133,70 @@ def _gather(formed: tf.distribute.Strategy, value: np.ndarray) -> np.ndarray:
     """`value` of every replica of every host, stacked (one row per replica)."""
     tensor = tf.constant(value)
     return formed.gather(formed.run(lambda: tf.identity(tensor)), axis=0).numpy()
+
+
+def share(formed: tf.distribute.Strategy, cluster: Cluster, payload: bytes) -> list[bytes]:
+    """Every host's `payload`, by rank, on every host. Every host must call it (two all-gathers:
+    how many bytes each host has, then every host's bytes as int32 words, padded to the longest);
+    none at all when every payload is empty."""
+    sizes = _gather(formed, np.array([[cluster.rank, len(payload)]], dtype=np.int32))
+    size_of = {int(rank): int(size) for rank, size in sizes}
+    shared = [b""] * cluster.size
+    words = -(-max(size_of.values()) // 4)
+    if not words:
+        return shared
+    mine = np.zeros((1, 1 + words), dtype=np.int32)
+    mine[0, 0] = cluster.rank
+    mine[0, 1:] = np.frombuffer(payload.ljust(4 * words, b"\0"), dtype="<i4")
+    for row in _gather(formed, mine):
+        rank = int(row[0])
+        shared[rank] = row[1:].astype("<i4").tobytes()[: size_of[rank]]
+    return shared
+
+
+class SystemMetricsToChief(keras.callbacks.Callback):
+    """The hosts other than the chief sample their system metrics while fit runs (every
+    `interval` seconds) and, when it ends, hand them to the chief (`share`: every host takes
+    part), which logs each host's series under its node id (`system/host-1/...`); its own go to
+    the run live. Only the chief writes to MLflow. Samples lost on the way (a host gone) are one
+    line, never a failed stage; a host's sampler writes nothing, so one that fit leaves running
+    (an error) ends with its process."""
+
+    def __init__(
+        self,
+        formed: tf.distribute.Strategy,
+        cluster: Cluster,
+        run: RunWriter | None,
+        interval: float,
+    ) -> None:
+        super().__init__()
+        self._formed, self._cluster, self._run = formed, cluster, run
+        self._sampler = system_metrics.Sampler(interval)
+
+    def on_train_begin(self, logs: dict | None = None) -> None:
+        if not self._cluster.is_chief:
+            self._sampler.start()
+
+    def on_train_end(self, logs: dict | None = None) -> None:
+        mine = b""
+        if not self._cluster.is_chief:
+            self._sampler.stop()
+            samples = self._sampler.samples
+            mine = json.dumps(samples).encode() if samples else b""
+        try:
+            shared = share(self._formed, self._cluster, mine)
+            if self._run is None:
+                return
+            for rank, payload in enumerate(shared):
+                if rank != self._cluster.rank and payload:
+                    node = system_metrics.node_id(rank, self._cluster.size)
+                    system_metrics.log_samples(self._run, json.loads(payload), node)
+        except Exception as err:  # noqa: BLE001 - system metrics never fail training
+            print(
+                f"system metrics: the other hosts' samples were not logged ({one_line(err)}); "
+                "training goes on",
+                flush=True,
+            )
 
 
 # --- Keras 3.15's `fit` across hosts ---

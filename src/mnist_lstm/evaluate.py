@@ -3,7 +3,9 @@
 Reads the processed `.npz`, the model file, the training history and the fetch provenance; writes
 the metrics JSON (a DVC metric), the per-class table and confusion matrix (CSV), the holdout
 predictions (CSV) and two PNGs. Prints the tutorial's ten holdout lines, `[prediction] label`.
-Logs everything into the MLflow run that trained this exact model file (see tracking/__init__.py).
+Logs everything into the MLflow run that trained this exact model file (see tracking/__init__.py),
+with the system metrics sampled while it scores (params `system_metrics`, read from `--params`:
+not a DVC dependency, as it changes no output).
 """
 
 from __future__ import annotations
@@ -24,7 +26,9 @@ from sklearn import metrics as skm  # noqa: E402
 
 from mnist_lstm import contracts, tracking  # noqa: E402
 from mnist_lstm.errors import exits_cleanly, one_line  # noqa: E402
+from mnist_lstm.params import load_params  # noqa: E402
 from mnist_lstm.runtime import keras  # noqa: E402
+from mnist_lstm.tracking import system_metrics  # noqa: E402
 
 CLASSES = list(range(contracts.NUM_CLASSES))
 
@@ -193,9 +197,9 @@ def main(argv: list[str] | None = None) -> int:
         "val-predictions",
         "confusion-png",
         "curves-png",
-        params=False,
     )
 
+    (monitoring,) = load_params(args.params, "system_metrics")
     data = contracts.load_processed(args.data)
     model = load_model(args.model)
     history = load_history(args.history)
@@ -218,9 +222,13 @@ def main(argv: list[str] | None = None) -> int:
         args.curves_png,
     ]
     # The run opens before the work: a store that is down fails here, in one line.
-    with tracking.evaluation_run(model_md5, fallback_name=f"evaluate-{model_md5[:12]}") as (
-        run,
-        is_training_run,
+    with (
+        tracking.evaluation_run(model_md5, fallback_name=f"evaluate-{model_md5[:12]}") as (
+            run,
+            is_training_run,
+        ),
+        # Its samples follow train's in the same series (their steps go on where train's end).
+        system_metrics.sampling(run, monitoring.interval_s, resume=True),
     ):
         how = "the run that trained it" if is_training_run else "a new run (none trained this file)"
         print(f"evaluate: logging to {how} ({run.run_id})", flush=True)

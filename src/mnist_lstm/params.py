@@ -115,11 +115,20 @@ class GateParams(_Section):
     ]
 
 
+class SystemMetricsParams(_Section):
+    """How often train and evaluate sample the machine (tracking/system_metrics.py). Read by both
+    stages, a dependency of neither: it changes no model, so changing it must not retrain."""
+
+    # Seconds between samples; 0 switches sampling off.
+    interval_s: Number = Field(ge=0, description="a finite number of seconds >= 0 (0: off)")
+
+
 SECTIONS: dict[str, type[_Section]] = {
     "fetch": FetchParams,
     "normalize": NormalizeParams,
     "train": TrainParams,
     "gate": GateParams,
+    "system_metrics": SystemMetricsParams,
 }
 _Model = TypeVar("_Model", bound=_Section)
 

@@ -1,7 +1,8 @@
 """Stage `train`: fit the LSTM on the processed training split, validating every epoch.
 
 Reads params `train` (logged to the run, with the holdout size the processed `.npz` was cut with)
-and the processed `.npz`; writes the Keras model file and a per-epoch history CSV. dvc.yaml:
+and `system_metrics` (how often the run samples the machine: not a DVC dependency, it changes no
+model) and the processed `.npz`; writes the Keras model file and a per-epoch history CSV. dvc.yaml:
 `python -m mnist_lstm.train --params params.yaml --data data/processed/mnist.npz
 --model models/model.keras --history models/history.csv`.
 
@@ -29,8 +30,16 @@ from mnist_lstm.errors import HeldInterrupts, exits_cleanly, interrupts_held
 from mnist_lstm.input_pipeline import VALIDATION_BATCH_SIZE, training_batches, validation_batches
 from mnist_lstm.keras_archive import save_model
 from mnist_lstm.model import build_model, compile_model
-from mnist_lstm.params import ParamsError, TrainParams, flatten, load_params
+from mnist_lstm.params import (
+    ParamsError,
+    SystemMetricsParams,
+    TrainParams,
+    flatten,
+    load_params,
+)
 from mnist_lstm.runtime import keras, limit_malloc_arenas, tf
+from mnist_lstm.tracking import system_metrics
+from mnist_lstm.tracking.epochs import EpochMetrics
 
 HISTORY_COLUMNS = ("epoch", "loss", "accuracy", "val_loss", "val_accuracy")
 
@@ -178,10 +187,16 @@ class Session:
 
 @contextlib.contextmanager
 def training_session(
-    params: TrainParams, data_path: Path, data: dict[str, np.ndarray], place: Placement
+    params: TrainParams,
+    monitoring: SystemMetricsParams,
+    data_path: Path,
+    data: dict[str, np.ndarray],
+    place: Placement,
 ) -> Iterator[Session]:
     """One context for what surrounds `fit`. On the chief (every one-host run) the MLflow run opens
     first, so a store that is down fails before epoch 1, and ends FINISHED, FAILED or KILLED.
+    Every host samples its system metrics (tracking/system_metrics.py): the chief into the run
+    until just before it ends, the other hosts while fit runs, handing them to the chief then.
     While fit runs, SIGINT/SIGTERM are held to between steps (errors.interrupts_held: raised inside
     TensorFlow's own Python code they can corrupt its state) and, across hosts, a lost host ends
     it in one line."""
@@ -195,11 +210,22 @@ def training_session(
                 "train.global_batch_size": params.batch_size * place.replicas,
                 tracking.TAG_LSTM_KERNEL: place.kernel,
             }
-            logged = {**flatten(params), **upstream_params(data)}
+            logged = {**flatten(params, monitoring), **upstream_params(data)}
             md5 = contracts.md5_file(data_path)
             run = stack.enter_context(tracking.training_run(run_name(params), logged, tags))
             run.log_datasets(training_datasets(data_path, md5, data, params.tuning_split))
-            callbacks.append(tracking.EpochMetrics(run))
+            callbacks.append(EpochMetrics(run))
+            cluster = place.cluster
+            node = system_metrics.node_id(cluster.rank, cluster.size) if cluster else None
+            stack.enter_context(system_metrics.sampling(run, monitoring.interval_s, node))
+        if place.cluster is not None:  # the other hosts sample while they fit, for the chief
+            from mnist_lstm import distributed  # only across hosts: see distributed.py
+
+            callbacks.append(
+                distributed.SystemMetricsToChief(
+                    place.strategy, place.cluster, run, monitoring.interval_s
+                )
+            )
         fitting = _Fitting(stack.enter_context(interrupts_held()))
         stack.enter_context(place.failures(while_fitting=lambda: fitting.ended is None))
         yield Session([*callbacks, fitting], run, place, md5, fitting)
@@ -220,7 +246,7 @@ def save_history(path: Path, history: pd.DataFrame) -> None:
 @exits_cleanly
 def main(argv: list[str] | None = None) -> int:
     args = contracts.stage_arguments(__doc__, argv, "data", "model", "history")
-    (params,) = load_params(args.params, "train")
+    params, monitoring = load_params(args.params, "train", "system_metrics")
     tune_process()
     # 1. Load MNIST, scaled to [0, 1] by `normalize` (held as uint8 levels: ~160 MiB less memory).
     data = contracts.load_processed(args.data, levels=True)
@@ -237,7 +263,7 @@ def main(argv: list[str] | None = None) -> int:
     place.prepare(model, params.batch_size)  # Keras' fit across hosts; nothing on one host
     model.summary()
     # 4. Fit, logging every epoch. The run opens first: a store that is down fails before epoch 1.
-    with training_session(params, args.data, data, place) as session:
+    with training_session(params, monitoring, args.data, data, place) as session:
         history = model.fit(
             training_batches(x_train, y_train, params.batch_size * place.replicas, params.seed),
             # Validation only predicts: big batches make it cheap and measure the same.

@@ -19,10 +19,9 @@ import os
 import platform
 import socket
 import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 # store.py first: it sets MLflow's environment before mlflow is imported.
 from mnist_lstm.tracking.store import (
@@ -50,9 +49,11 @@ from mlflow.models import infer_signature
 from mlflow.tracking.context import registry as context_registry
 
 from mnist_lstm.contracts import md5_file
-from mnist_lstm.runtime import keras, tf
 from mnist_lstm.tracking import outage
 from mnist_lstm.tracking.outage import TAG_HOST, TAG_PID, RunWriter
+
+if TYPE_CHECKING:  # TensorFlow loads where a model is trained or logged, not for a lookup
+    from mnist_lstm.runtime import keras
 
 __all__ = [
     "ENVIRONMENT_TAGS",
@@ -64,7 +65,6 @@ __all__ = [
     "TAG_PROCESSED_MD5",
     "TAG_RAW_MD5",
     "TRACKING_MODE_ENV",
-    "EpochMetrics",
     "RunWriter",
     "TrackingError",
     "connect",
@@ -125,6 +125,8 @@ def cpu_model() -> str:
 
 def environment_tags() -> dict[str, str]:
     """What the model was built with, beyond the code and params: each can change its bytes."""
+    from mnist_lstm.runtime import keras, tf
+
     values = (
         platform.python_version(),
         tf.__version__,
@@ -153,23 +155,6 @@ def train_dependencies(stages: Path = Path("dvc.yaml")) -> dict[str, str]:
 def dvc_experiment_tags() -> dict[str, str]:
     names = ("DVC_EXP_NAME", "DVC_EXP_BASELINE_REV")
     return {f"dvc.{name.lower()}": os.environ[name] for name in names if os.environ.get(name)}
-
-
-class EpochMetrics(keras.callbacks.Callback):
-    """Logs Keras' per-epoch logs (loss, accuracy, val_loss, val_accuracy) and the epoch's
-    wall-clock seconds (training + validation, what `make bench` compares) to the run."""
-
-    def __init__(self, run: RunWriter) -> None:
-        super().__init__()
-        self._run = run
-
-    def on_epoch_begin(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
-        self._started = time.perf_counter()
-
-    def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
-        metrics = {key: float(value) for key, value in (logs or {}).items()}
-        metrics["epoch_seconds"] = time.perf_counter() - self._started
-        self._run.log_metrics(metrics, step=epoch)
 
 
 def log_training(

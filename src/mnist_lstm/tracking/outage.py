@@ -12,17 +12,17 @@ import json
 import os
 import socket
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import mlflow
 import numpy as np
 from mlflow.exceptions import MlflowException
 
 from mnist_lstm.errors import interrupts_held, one_line
-from mnist_lstm.runtime import keras
 from mnist_lstm.tracking import backlog, spool
 from mnist_lstm.tracking.models import log_model
 from mnist_lstm.tracking.ops import apply_op
@@ -40,6 +40,9 @@ from mnist_lstm.tracking.store import (
     tracking_uri,
 )
 
+if TYPE_CHECKING:
+    from mnist_lstm.runtime import keras
+
 # Which live process owns a RUNNING run: lets the next pipeline spot runs orphaned by `kill -9`.
 TAG_PID = "mnist_lstm.pid"
 TAG_HOST = "mnist_lstm.host"
@@ -56,7 +59,10 @@ class RunWriter:
     fails because the store is down or unreachable (after MLflow's bounded retries), that write
     and every later one go, in order, to a spool that `make sync` replays. The stage goes on --
     unless the spool cannot be written either (a full disk): that ends it, in one line
-    (spool.SpoolError)."""
+    (spool.SpoolError).
+
+    Safe to call from several threads at once (the system-metrics sampler's and the stage's):
+    one write at a time, so the ops keep one order and a hand-over to the spool happens once."""
 
     def __init__(self, run_id: str, spool_: spool.Spool | None = None, why: str = "") -> None:
         self.uri = tracking_uri()
@@ -66,6 +72,8 @@ class RunWriter:
         self._why = why
         # The spool refused a write: later ones would fail alike, and must not hide the first.
         self._broken = False
+        # Re-entrant: log_model defers (and then writes) while it holds it.
+        self._lock = threading.RLock()
 
     @property
     def deferred(self) -> bool:
@@ -75,31 +83,33 @@ class RunWriter:
         """From this write on, everything goes to a new spool; one line says so."""
         if not is_outage(err):
             raise refusal(err, self.uri) or err
-        self._why = reason(err)
-        try:
-            self.spool = spool.Spool.create(project_root(), self.uri, self.run_id)
-        except spool.SpoolError:
-            self._broken = True
-            raise
-        print(
-            f"tracking: {self.uri} stopped answering ({self._why}); the run's remaining writes "
-            f"go to {self.spool.path} and the stage goes on",
-            flush=True,
-        )
+        with self._lock:
+            self._why = reason(err)
+            try:
+                self.spool = spool.Spool.create(project_root(), self.uri, self.run_id)
+            except spool.SpoolError:
+                self._broken = True
+                raise
+            print(
+                f"tracking: {self.uri} stopped answering ({self._why}); the run's remaining "
+                f"writes go to {self.spool.path} and the stage goes on",
+                flush=True,
+            )
 
     def _write(self, op: dict[str, Any], files: list[tuple[Path, str]] | None = None) -> None:
         files = files or []
-        if self.spool is None:
+        with self._lock:
+            if self.spool is None:
+                try:
+                    apply_op(self.client, self.run_id, op, [source for source, _ in files])
+                    return
+                except Exception as err:  # noqa: BLE001 - _defer re-raises what is not an outage
+                    self._defer(err)
             try:
-                apply_op(self.client, self.run_id, op, [source for source, _ in files])
-                return
-            except Exception as err:  # noqa: BLE001 - _defer re-raises what is not an outage
-                self._defer(err)
-        try:
-            self.spool.append(op, files)
-        except spool.SpoolError:
-            self._broken = True
-            raise
+                self.spool.append(op, files)
+            except spool.SpoolError:
+                self._broken = True
+                raise
 
     def log_params(self, params: dict[str, Any]) -> None:
         self._write({"op": "params", "params": {k: str(v) for k, v in params.items()}})
@@ -107,8 +117,12 @@ class RunWriter:
     def set_tags(self, tags: dict[str, str]) -> None:
         self._write({"op": "tags", "tags": {k: str(v) for k, v in tags.items()}})
 
-    def log_metrics(self, metrics: dict[str, float], step: int = 0) -> None:
-        self._write({"op": "metrics", "metrics": metrics, "step": step, "timestamp": _now_ms()})
+    def log_metrics(
+        self, metrics: dict[str, float], step: int = 0, timestamp: int | None = None
+    ) -> None:
+        """`timestamp`: when the values were measured (ms since the epoch), if not now."""
+        stamp = _now_ms() if timestamp is None else timestamp
+        self._write({"op": "metrics", "metrics": metrics, "step": step, "timestamp": stamp})
 
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
         path = Path(path)
@@ -125,17 +139,18 @@ class RunWriter:
 
     def log_model(self, model: keras.Model, model_file: Path, input_example: np.ndarray) -> None:
         """The model as an MLflow model; spooled as the model file the stage wrote."""
-        if self.spool is None:
-            try:
-                log_model(model, model_file, input_example, self.run_id)
-                return
-            except Exception as err:  # noqa: BLE001 - _defer re-raises what is not an outage
-                self._defer(err)
-        with tempfile.TemporaryDirectory() as tmp:
-            example = Path(tmp) / "input_example.npy"
-            np.save(example, input_example)
-            files = [(Path(model_file), "model.keras"), (example, example.name)]
-            self._write({"op": "model"}, files)
+        with self._lock:
+            if self.spool is None:
+                try:
+                    log_model(model, model_file, input_example, self.run_id)
+                    return
+                except Exception as err:  # noqa: BLE001 - _defer re-raises what is not an outage
+                    self._defer(err)
+            with tempfile.TemporaryDirectory() as tmp:
+                example = Path(tmp) / "input_example.npy"
+                np.save(example, input_example)
+                files = [(Path(model_file), "model.keras"), (example, example.name)]
+                self._write({"op": "model"}, files)
 
     def set_status(self, status: str) -> None:
         self._write({"op": "status", "status": status})
