@@ -264,11 +264,12 @@ def rebuild(work: Path, env: dict[str, str], remote: str, say) -> Rebuild:
         failure=""
         if ran.returncode == 0
         else f"dvc repro exit {ran.returncode}: " + _failure(ran.stdout),
-        dependencies=tracking.train_dependencies(work / "dvc.yaml"),
     )
     for tag, (_, path) in LOCKED_OUTPUTS.items():
         if tag != tracking.TAG_MODEL_MD5 and (work / path).is_file():
             result.data_md5[tag] = md5_file(work / path)
+    hashed = {work / LOCKED_OUTPUTS[tag][1]: md5 for tag, md5 in result.data_md5.items()}
+    result.dependencies = tracking.train_dependencies(work / "dvc.yaml", hashed)
     for deferred in spool.pending(work):  # the retrain's own run, kept offline in the worktree
         tags = deferred.meta.get("create", {}).get("tags", {})
         result.kernel = tags.get(tracking.TAG_LSTM_KERNEL, result.kernel)

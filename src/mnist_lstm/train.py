@@ -212,7 +212,9 @@ def training_session(
             }
             logged = {**flatten(params, monitoring), **upstream_params(data)}
             md5 = contracts.md5_file(data_path)
-            run = stack.enter_context(tracking.training_run(run_name(params), logged, tags))
+            run = stack.enter_context(
+                tracking.training_run(run_name(params), logged, tags, {data_path: md5})
+            )
             run.log_datasets(training_datasets(data_path, md5, data, params.tuning_split))
             callbacks.append(EpochMetrics(run))
             cluster = place.cluster

@@ -138,17 +138,21 @@ def environment_tags() -> dict[str, str]:
     return dict(zip(ENVIRONMENT_TAGS, values, strict=True))
 
 
-def train_dependencies(stages: Path = Path("dvc.yaml")) -> dict[str, str]:
+def train_dependencies(
+    stages: Path = Path("dvc.yaml"), known: dict[Path, str] | None = None
+) -> dict[str, str]:
     """{path: md5} of every file dvc.yaml lists as a train dependency, hashed as dvc.lock does
-    (folders and missing paths left out: DVC's own lock has them)."""
+    (folders and missing paths left out: DVC's own lock has them). `known`: md5s the caller has
+    already computed (the processed data, 220 MB), not read again."""
     if not stages.is_file():
         return {}
     deps = (yaml.safe_load(stages.read_text()) or {}).get("stages", {}).get("train", {})
+    known = {path.resolve(): md5 for path, md5 in (known or {}).items()}
     found = {}
     for dep in deps.get("deps", []):
         path = stages.parent / dep
         if path.is_file():
-            found[dep] = md5_file(path)
+            found[dep] = known.get(path.resolve()) or md5_file(path)
     return found
 
 
@@ -264,12 +268,16 @@ def _source_tags(stage: str) -> dict[str, str]:
 
 @contextlib.contextmanager
 def training_run(
-    run_name: str, params: dict[str, Any], facts: dict[str, Any] | None = None
+    run_name: str,
+    params: dict[str, Any],
+    facts: dict[str, Any] | None = None,
+    hashed: dict[Path, str] | None = None,
 ) -> Iterator[RunWriter]:
     """Open the pipeline's run, log params, the params snapshot and git lineage; yield its writer.
 
     `facts` are tags about how this run trained (devices, global batch): not params, because
-    params.yaml does not set them and lineage compares the run's params with params.yaml."""
+    params.yaml does not set them and lineage compares the run's params with params.yaml.
+    `hashed`: the md5 of files the stage has hashed already (its data), for reproduction.json."""
     if not offline():
         connect()
         outage.sync_first()
@@ -292,7 +300,7 @@ def training_run(
             {
                 "environment": environment,
                 "facts": {key: str(value) for key, value in (facts or {}).items()},
-                "train_dependencies": train_dependencies(),
+                "train_dependencies": train_dependencies(known=hashed),
             },
             REPRODUCTION_FILE,
         )
