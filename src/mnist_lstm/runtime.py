@@ -35,6 +35,16 @@ def _unhide(names: tuple[str, ...]) -> None:
             del sys.modules[name]
 
 
+# TensorFlow's CPU tensors from its best-fit-with-coalescing allocator, the one it uses on GPUs,
+# instead of straight from malloc. From malloc, the buffers every training step allocates and
+# frees (a few MiB each) left glibc's arenas 60-100 MiB larger than what was in use, freed but
+# kept, and the peak drifted up from epoch to epoch; BFC keeps one pool sized to the tensors
+# alive at once and reuses it: lower and steadier peak memory, epochs no slower, the same model
+# file (docs/performance-engineering.md). Read when TensorFlow first allocates: set before it
+# loads. A value in the environment wins (false switches it off).
+BFC_ENV = "TF_CPU_ALLOCATOR_USE_BFC"
+os.environ.setdefault(BFC_ENV, "true")
+
 _hidden = _hide(KERAS_OPTIONAL)
 try:
     import keras

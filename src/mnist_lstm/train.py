@@ -228,6 +228,7 @@ def training_session(
                     place.strategy, place.cluster, run, monitoring.interval_s
                 )
             )
+        del data  # not kept alive by this frame: train frees the images once fit is done
         fitting = _Fitting(stack.enter_context(interrupts_held()))
         stack.enter_context(place.failures(while_fitting=lambda: fitting.ended is None))
         yield Session([*callbacks, fitting], run, place, md5, fitting)
@@ -278,12 +279,16 @@ def main(argv: list[str] | None = None) -> int:
         )
         if session.run is None:  # another host of the cluster: the chief saves and logs
             return session.leave(len(history.epoch))
+        # The images are done with: freed before saving and logging, which import and allocate
+        # (h5py, MLflow's model code), so that the peak stays fit's (~55 MiB less after it).
+        example = contracts.as_pixels(data["x_val"][:2])
+        del data, x_train, y_train, x_val, y_val
+        gc.collect()
         # 5. Save the model file DVC tracks (identical training, identical bytes) and the history.
         model_md5 = save_model(args.model, model)
         table = history_table(history)
         save_history(args.history, table)
         # 6. Log the model, and the hashes that tie the run to dvc.lock.
-        example = contracts.as_pixels(data["x_val"][:2])
         session.log_model(model, args.model, model_md5, example, epochs=len(table))
     print(session.report(table, args.model))
     return 0

@@ -46,6 +46,7 @@ class _KerasFlavor:
 
     @staticmethod
     def save_model(path: str, keras_file: Path, mlflow_model: Model, **kwargs: Any) -> None:
+        kwargs.pop("validate_serving_input", None)  # Model.log's own option, not the flavor's
         os.makedirs(path, exist_ok=True)
         mlflow.keras.save_model(path=path, mlflow_model=mlflow_model, **kwargs)
         target = Path(path) / KERAS_FILE
@@ -87,6 +88,10 @@ def log_model(model: keras.Model, keras_file: Path, input_example: np.ndarray, r
             input_example=input_example,
             pip_requirements=_requirements(),
             run_id=run_id,
+            # MLflow would load the saved model once more and predict the example again (0.9 s
+            # of every train stage): the signature above came from predicting it already, and
+            # what is logged is the file the stage saved, checked by md5 wherever it is loaded.
+            validate_serving_input=False,
         )
     finally:
         keras.utils.enable_interactive_logging()
