@@ -50,3 +50,51 @@ def test_tensorflows_cpp_log_is_off_unless_the_user_asks_for_it():
     hidden = tensorflow_stderr(None)
     assert "cuInit" not in hidden, hidden
     assert "oneDNN custom operations" not in hidden, hidden
+
+
+def cpu_allocator_stats(env_value: str | None) -> str:
+    """What a fresh process reports for the CPU's tensor memory after importing the package's
+    TensorFlow and running an op; `env_value` is the user's own TF_CPU_ALLOCATOR_USE_BFC."""
+    env = {k: v for k, v in os.environ.items() if k != "TF_CPU_ALLOCATOR_USE_BFC"}
+    if env_value is not None:
+        env["TF_CPU_ALLOCATOR_USE_BFC"] = env_value
+    code = (
+        "from mnist_lstm.runtime import tf\n"
+        "tf.ones((512, 512)) @ tf.ones((512, 512))\n"
+        "try:\n"
+        "    print(tf.config.experimental.get_memory_info('CPU:0')['peak'])\n"
+        "except ValueError as err:\n"
+        "    print('no stats:', err)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    return result.stdout.strip()
+
+
+def test_tensorflow_takes_cpu_tensors_from_its_bfc_pool_unless_the_user_says_otherwise():
+    # TensorFlow keeps allocation statistics for the CPU only in its BFC allocator: a number here
+    # means the variable runtime.py sets was honoured (a release that drops it fails this test,
+    # and the train stage's peak memory would drift up again; docs/performance-engineering.md).
+    peak = cpu_allocator_stats(None)
+    assert peak.isdigit() and int(peak) >= 3 * 512 * 512 * 4, peak
+    assert cpu_allocator_stats("false").startswith("no stats:")
+
+
+def tensorflow_startup_log(onednn_opts: str | None) -> str:
+    """TensorFlow's start-up log (C++ log level 0) in a fresh process that imports the package's
+    TensorFlow; `onednn_opts` is the user's own TF_ENABLE_ONEDNN_OPTS (None: unset)."""
+    env = {k: v for k, v in os.environ.items() if k != "TF_ENABLE_ONEDNN_OPTS"}
+    env["TF_CPP_MIN_LOG_LEVEL"] = "0"
+    if onednn_opts is not None:
+        env["TF_ENABLE_ONEDNN_OPTS"] = onednn_opts
+    code = "from mnist_lstm.runtime import tf\nprint(int(tf.constant(1) + 1))\n"
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    return result.stderr
+
+
+def test_tensorflows_onednn_graph_rewrites_are_off_unless_the_user_turns_them_on():
+    # TensorFlow announces its oneDNN rewrites at start-up; if a release stops reading
+    # TF_ENABLE_ONEDNN_OPTS (or drops the rewrites), one of these two fails.
+    assert "oneDNN custom operations are on" in tensorflow_startup_log("1")
+    assert "oneDNN custom operations are on" not in tensorflow_startup_log(None)

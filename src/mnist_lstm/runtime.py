@@ -45,6 +45,15 @@ def _unhide(names: tuple[str, ...]) -> None:
 BFC_ENV = "TF_CPU_ALLOCATOR_USE_BFC"
 os.environ.setdefault(BFC_ENV, "true")
 
+# TensorFlow's own graph rewrites to oneDNN kernels (MatMul, BiasAdd, ... as _Mkl* ops; not the
+# project's fused LSTM op, which calls oneDNN itself) off: Keras' unrolled LSTM runs 28 small
+# matmuls per step each way, and for those Eigen's kernels beat oneDNN's per-call set-up -- 12%
+# faster epochs (4.41 vs 4.99 s, 10 epochs on the 2-core AMD EPYC) with byte-identical model
+# files, and no change with the fused op (docs/performance-engineering.md). Read when TensorFlow
+# loads. A value in the environment wins (1 switches them back on).
+ONEDNN_OPTS_ENV = "TF_ENABLE_ONEDNN_OPTS"
+os.environ.setdefault(ONEDNN_OPTS_ENV, "0")
+
 _hidden = _hide(KERAS_OPTIONAL)
 try:
     import keras
