@@ -22,9 +22,11 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
+import memory_split  # bench/: this script's own folder is on sys.path
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
@@ -48,6 +50,41 @@ def timed(cmd: list[str], env: dict[str, str], cwd: Path = REPO) -> tuple[float,
             raise SystemExit(f"bench: {' '.join(cmd)} failed:\n{result.stdout}\n{result.stderr}")
         peak_kib = int(report.read().strip().splitlines()[-1])
     return wall, peak_kib / 1024, result.stdout
+
+
+def timed_with_memory(cmd: list[str], env: dict[str, str]) -> tuple[float, float, float, str]:
+    """(wall seconds, peak RSS MiB, peak private MiB, stdout) of one process. Peak RSS is the
+    kernel's (wait4's ru_maxrss, as GNU time reports it); it counts the pages of TensorFlow's
+    shared libraries the process maps, and how many of those are resident depends on the page
+    cache's state (docs/performance.md#memory). Private memory -- its anonymous pages: heap,
+    tensors, Python objects -- is what the process itself allocates, sampled every 20 ms."""
+    started = time.perf_counter()
+    process = subprocess.Popen(
+        cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    out: dict[str, str] = {}
+    readers = [
+        threading.Thread(target=lambda k=k, f=f: out.__setitem__(k, f.read()), daemon=True)
+        for k, f in (("stdout", process.stdout), ("stderr", process.stderr))
+    ]
+    for reader in readers:
+        reader.start()
+    private = 0.0
+    while True:
+        pid, status, usage = os.wait4(process.pid, os.WNOHANG)
+        if pid:
+            break
+        sample = memory_split.status(process.pid)
+        if sample:
+            private = max(private, sample["RssAnon"])
+        time.sleep(0.02)
+    wall = time.perf_counter() - started
+    for reader in readers:
+        reader.join()
+    process.returncode = os.waitstatus_to_exitcode(status)
+    if process.returncode != 0:
+        raise SystemExit(f"bench: {' '.join(cmd)} failed:\n{out['stdout']}\n{out['stderr']}")
+    return wall, usage.ru_maxrss / 1024, private, out["stdout"]
 
 
 def last_json_line(stdout: str) -> dict:
@@ -247,12 +284,18 @@ def main() -> int:
         print(f"bench: no fused-op row ({op.stderr.strip().splitlines()[-1]})", flush=True)
         del contenders["train stage, fused oneDNN op"]
     figures: dict[str, dict[str, list[float]]] = {
-        name: {"epoch_s": [], "process_s": [], "peak_mib": [], "val_accuracy": []}
+        name: {
+            "epoch_s": [],
+            "process_s": [],
+            "peak_mib": [],
+            "private_peak_mib": [],
+            "val_accuracy": [],
+        }
         for name in contenders
     }
     for round_no in range(args.rounds):
         for name, cmd in contenders.items():
-            wall, peak, stdout = timed(cmd, env)
+            wall, peak, private, stdout = timed_with_memory(cmd, env)
             if name.startswith("train stage"):
                 epochs, accuracy = train_stage_epochs(store)
             else:
@@ -261,10 +304,12 @@ def main() -> int:
             figures[name]["epoch_s"] += epochs[1:]  # the first epoch traces and compiles
             figures[name]["process_s"].append(wall)
             figures[name]["peak_mib"].append(peak)
+            figures[name]["private_peak_mib"].append(private)
             figures[name]["val_accuracy"].append(accuracy)
             print(
                 f"round {round_no + 1}/{args.rounds} {name}: {wall:.1f}s, "
-                f"epochs {statistics.median(epochs[1:]):.2f}s, peak {peak:.0f} MiB, "
+                f"epochs {statistics.median(epochs[1:]):.2f}s, peak {peak:.0f} MiB "
+                f"({private:.0f} MiB private), "
                 f"val_accuracy {accuracy:.4f}",
                 flush=True,
             )
@@ -378,6 +423,17 @@ def render(results: dict) -> list[str]:
                 torch["peak_mib"],
             )
         )
+    for name, fig in c.items():
+        if fig.get("private_peak_mib"):
+            lines.append(
+                row(
+                    f"{name}: peak private memory",
+                    fig["private_peak_mib"],
+                    "MiB",
+                    tutorial.get("private_peak_mib"),
+                    torch.get("private_peak_mib"),
+                )
+            )
     for name, fig in c.items():
         lines.append(
             row(
