@@ -31,16 +31,21 @@ def test_a_malloc_arena_limit_set_in_the_environment_is_left_alone():
         assert limit_malloc_arenas(env={}) is True
 
 
+def fresh_process(code: str, user_env: dict[str, str | None]) -> subprocess.CompletedProcess:
+    """Run `code` in a fresh interpreter whose environment has each of `user_env`'s variables set
+    to its value, or unset where the value is None (what a user's shell would hold)."""
+    env = {k: v for k, v in os.environ.items() if k not in user_env}
+    env.update({k: v for k, v in user_env.items() if v is not None})
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    return result
+
+
 def tensorflow_stderr(log_level: str | None) -> str:
     """What a fresh process that imports the package, then TensorFlow, and runs an op prints on
     stderr; `log_level` is the user's own TF_CPP_MIN_LOG_LEVEL (None: unset)."""
-    env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
-    if log_level is not None:
-        env["TF_CPP_MIN_LOG_LEVEL"] = log_level
     code = "import mnist_lstm\nimport tensorflow as tf\nprint(int(tf.constant(1) + 1))\n"
-    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr
-    return result.stderr
+    return fresh_process(code, {"TF_CPP_MIN_LOG_LEVEL": log_level}).stderr
 
 
 def test_tensorflows_cpp_log_is_off_unless_the_user_asks_for_it():
@@ -55,9 +60,6 @@ def test_tensorflows_cpp_log_is_off_unless_the_user_asks_for_it():
 def cpu_allocator_stats(env_value: str | None) -> str:
     """What a fresh process reports for the CPU's tensor memory after importing the package's
     TensorFlow and running an op; `env_value` is the user's own TF_CPU_ALLOCATOR_USE_BFC."""
-    env = {k: v for k, v in os.environ.items() if k != "TF_CPU_ALLOCATOR_USE_BFC"}
-    if env_value is not None:
-        env["TF_CPU_ALLOCATOR_USE_BFC"] = env_value
     code = (
         "from mnist_lstm.runtime import tf\n"
         "tf.ones((512, 512)) @ tf.ones((512, 512))\n"
@@ -66,9 +68,7 @@ def cpu_allocator_stats(env_value: str | None) -> str:
         "except ValueError as err:\n"
         "    print('no stats:', err)\n"
     )
-    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr
-    return result.stdout.strip()
+    return fresh_process(code, {"TF_CPU_ALLOCATOR_USE_BFC": env_value}).stdout.strip()
 
 
 def test_tensorflow_takes_cpu_tensors_from_its_bfc_pool_unless_the_user_says_otherwise():
@@ -83,14 +83,9 @@ def test_tensorflow_takes_cpu_tensors_from_its_bfc_pool_unless_the_user_says_oth
 def tensorflow_startup_log(onednn_opts: str | None) -> str:
     """TensorFlow's start-up log (C++ log level 0) in a fresh process that imports the package's
     TensorFlow; `onednn_opts` is the user's own TF_ENABLE_ONEDNN_OPTS (None: unset)."""
-    env = {k: v for k, v in os.environ.items() if k != "TF_ENABLE_ONEDNN_OPTS"}
-    env["TF_CPP_MIN_LOG_LEVEL"] = "0"
-    if onednn_opts is not None:
-        env["TF_ENABLE_ONEDNN_OPTS"] = onednn_opts
     code = "from mnist_lstm.runtime import tf\nprint(int(tf.constant(1) + 1))\n"
-    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr
-    return result.stderr
+    user_env = {"TF_CPP_MIN_LOG_LEVEL": "0", "TF_ENABLE_ONEDNN_OPTS": onednn_opts}
+    return fresh_process(code, user_env).stderr
 
 
 def test_tensorflows_onednn_graph_rewrites_are_off_unless_the_user_turns_them_on():

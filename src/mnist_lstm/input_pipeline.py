@@ -12,9 +12,9 @@ import numpy as np
 from mnist_lstm import contracts
 from mnist_lstm.runtime import tf
 
-# Validation only predicts: batches of 256 measure the same as the whole split (the same history,
-# bit for bit) and cost no more time than 1,024, whose LSTM activations made the largest tensors of
-# fit (the fused op's peak tensor memory 148.5 MiB at 1,024, 31 MiB at 256; docs/performance.md).
+# Validation only predicts: batches of 256 measure the same as batches of 1,024 (the same history,
+# bit for bit), whose LSTM activations made the largest tensors of fit (the fused op's peak tensor
+# memory 148.5 MiB at 1,024, 31 MiB at 256; docs/performance-engineering.md).
 VALIDATION_BATCH_SIZE = 256
 # Training steps whose images one Python call gathers: a call per step cost ~0.1 s of CPU per epoch
 # on this 2-core machine, taken from the training threads.
