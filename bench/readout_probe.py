@@ -1,9 +1,10 @@
 """Architecture probes for the tuned preset on the tuning split (docs/performance.md#accuracy).
 
-`python bench/readout_probe.py UNITS EPOCHS rowcol|pool` from the repository root, after
-`dvc repro normalize`: trains on the first 55,000 training images, validates on the last 5,000.
-rowcol: a Bidirectional LSTM over rows and one over columns; pool: one over rows, read out as the
-max and mean of every row's output instead of its last state. Not yet a param of the project.
+`python bench/readout_probe.py UNITS EPOCHS rowcol|pool [SEED]` from the repository root, after
+`dvc repro normalize`: the tuned preset (params.yaml + params.tuned.yaml) with batches of 256 and a
+learning rate of 0.004, trained on the first 55,000 training images and validated on the last
+5,000. rowcol: a Bidirectional LSTM over rows and one over columns; pool: one over rows, read out
+as the max and mean of every row's output instead of its last state. Not yet a param.
 """
 
 import sys
@@ -11,16 +12,23 @@ import time
 
 from mnist_lstm import contracts, onednn_lstm
 from mnist_lstm.input_pipeline import training_batches, validation_batches
+from mnist_lstm.model import compile_model
+from mnist_lstm.params import parse_section, read_yaml
 from mnist_lstm.runtime import keras
 from mnist_lstm.train import set_seed, training_splits
 
 units, epochs, mode = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+seed = int(sys.argv[4]) if len(sys.argv) > 4 else 0
+probe = dict(units=units, epochs=epochs, seed=seed, batch_size=256, learning_rate=0.004)
+raw = {**read_yaml("params.yaml")["train"], **read_yaml("params.tuned.yaml")["train"], **probe}
+params = parse_section("train", {**raw, "tuning_split": 5000})
 data = contracts.load_processed("data/processed/mnist.npz", levels=True)
-(xt, yt), (xv, yv) = training_splits(data, 5000)
-set_seed(0)
+(xt, yt), (xv, yv) = training_splits(data, params.tuning_split)
+set_seed(params.seed)
+shift = params.augment_shift / 28
 inp = keras.Input((28, 28))
 x = keras.layers.Reshape((28, 28, 1))(inp)
-x = keras.layers.RandomTranslation(2 / 28, 2 / 28, fill_mode="constant")(x)
+x = keras.layers.RandomTranslation(shift, shift, fill_mode="constant")(x)
 x = keras.layers.Reshape((28, 28))(x)
 if mode == "rowcol":
     rows = keras.layers.Bidirectional(keras.layers.LSTM(units, unroll=True))(x)
@@ -36,22 +44,15 @@ else:  # pooled row outputs
         [keras.layers.GlobalMaxPooling1D()(seq), keras.layers.GlobalAveragePooling1D()(seq)]
     )
 h = keras.layers.BatchNormalization()(h)
-h = keras.layers.Dropout(0.25)(h)
+h = keras.layers.Dropout(params.dropout)(h)
 model = keras.Model(inp, keras.layers.Dense(10)(h))
 print("routed", onednn_lstm.use_onednn(model))
-steps = -(-len(xt) // 256)
-model.compile(
-    keras.optimizers.Adam(keras.optimizers.schedules.CosineDecay(0.004, epochs * steps)),
-    keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-    metrics=["accuracy"],
-    jit_compile=False,
-    steps_per_execution=32,
-)
+compile_model(model, params, n_train=len(xt))
 t = time.time()
 model.fit(
-    training_batches(xt, yt, 256, 0),
+    training_batches(xt, yt, params.batch_size, params.seed),
     validation_data=validation_batches(xv, yv, 256),
-    epochs=epochs,
+    epochs=params.epochs,
     verbose=2,
 )
 print("fit s", round(time.time() - t))
