@@ -5,6 +5,7 @@ import pytest
 
 from mnist_lstm.model import build_model, compile_model
 from mnist_lstm.params import TrainParams
+from mnist_lstm.runtime import keras
 
 TUTORIAL = TrainParams(
     units=64,
@@ -16,6 +17,7 @@ TUTORIAL = TrainParams(
     seed=0,
     bidirectional=False,
     layers=1,
+    readout="last",
     dropout=0.0,
     schedule="constant",
     augment_shift=0,
@@ -77,6 +79,42 @@ def test_bidirectional_stacked_dropout_and_augmented_model():
     x = np.random.default_rng(0).random((4, 28, 28), dtype=np.float32)
     # Shifts and dropout act in training only: inference is deterministic.
     np.testing.assert_array_equal(model.predict(x, verbose=0), model.predict(x, verbose=0))
+
+
+def test_pooled_readout_reads_every_row_of_the_last_lstm():
+    params = TUTORIAL.model_copy(
+        update=dict(units=8, bidirectional=True, layers=2, dropout=0.2, readout="pool")
+    )
+    model = build_model(params)
+    names = [layer.__class__.__name__ for layer in model.layers]
+    assert names == [
+        "InputLayer",
+        "Bidirectional",
+        "Dropout",
+        "Bidirectional",
+        "GlobalMaxPooling1D",
+        "GlobalAveragePooling1D",
+        "Concatenate",
+        "BatchNormalization",
+        "Dropout",
+        "Dense",
+    ]
+    assert model.get_layer("bilstm_1").output.shape == (None, 28, 16)  # every row, both ways
+    assert model.get_layer("readout").output.shape == (None, 32)  # max and mean of each feature
+    x = np.random.default_rng(0).random((4, 28, 28), dtype=np.float32)
+    logits = model.predict(x, verbose=0)
+    assert logits.shape == (4, 10)
+    np.testing.assert_array_equal(logits, model.predict(x, verbose=0))  # dropout: training only
+
+
+def test_pooled_readout_survives_a_keras_save_and_load(tmp_path):
+    params = TUTORIAL.model_copy(update=dict(units=8, readout="pool", augment_shift=2))
+    model = compile_model(build_model(params), params)
+    x = np.random.default_rng(0).random((3, 28, 28), dtype=np.float32)
+    path = tmp_path / "model.keras"
+    model.save(path)
+    loaded = keras.saving.load_model(path)
+    np.testing.assert_allclose(loaded.predict(x, verbose=0), model.predict(x, verbose=0))
 
 
 def test_cosine_schedule_decays_to_zero_over_all_steps():

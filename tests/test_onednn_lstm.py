@@ -128,6 +128,21 @@ def test_training_through_the_fused_op_saves_a_plain_keras_lstm(tmp_path, fused_
     )
 
 
+def test_the_pooled_readout_trains_through_the_fused_op_with_keras_numbers(fused_op):
+    # The tuned preset's shape: both directions, every row's output pooled.
+    params = TUTORIAL.model_copy(update=dict(units=16, bidirectional=True, readout="pool"))
+    keras_model = build_model(params, kernel="keras")
+    fused_model = build_model(params, kernel="onednn")
+    fused_model.set_weights(keras_model.get_weights())
+    assert "inner_loop" in vars(fused_model.get_layer("bilstm").forward_layer)
+    x = np.random.default_rng(0).random((6, 28, 28), dtype=np.float32)
+    y_keras, grads_keras = outputs_and_gradients(keras_model, x)
+    y_fused, grads_fused = outputs_and_gradients(fused_model, x)
+    np.testing.assert_allclose(y_fused, y_keras, atol=1e-5)
+    for fused, plain in zip(grads_fused, grads_keras, strict=True):
+        np.testing.assert_allclose(fused, plain, atol=1e-4, rtol=1e-4)
+
+
 def test_the_keras_kernel_leaves_keras_loop_in_place(fused_op):
     assert "inner_loop" not in vars(build_model(TUTORIAL, kernel="keras").get_layer("lstm"))
     assert "inner_loop" in vars(build_model(TUTORIAL, kernel="onednn").get_layer("lstm"))

@@ -91,6 +91,10 @@ def test_flatten_names_keys_as_in_params_yaml():
             {"train.schedule": "linear"},
             "train.schedule must be one of constant, cosine, got 'linear'",
         ),
+        (
+            {"train.readout": "attention"},
+            "train.readout must be one of last, pool, got 'attention'",
+        ),
         ({"train.augment_shift": 9}, "train.augment_shift must be an integer 0..8, got 9"),
         ({"train.tuning_split": -5}, "train.tuning_split must be an integer >= 0, got -5"),
         ({"train.bidirectional": 1}, "train.bidirectional must be true or false, got 1"),

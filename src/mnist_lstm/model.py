@@ -2,7 +2,8 @@
 
 With the defaults it is exactly the tutorial's LSTM(64) -> BatchNormalization -> Dense(10).
 The other params grow it without leaving "an LSTM reading rows": both directions, stacked layers,
-dropout, a cosine learning-rate schedule and shift augmentation. No convolutions.
+a readout pooled over every row, dropout, a cosine learning-rate schedule and shift augmentation.
+No convolutions.
 """
 
 from __future__ import annotations
@@ -52,31 +53,57 @@ def build_model(params: TrainParams, unroll: bool = True, kernel: str = "keras")
             keras.layers.RandomTranslation(factor, factor, fill_mode="constant", name="shift"),
             keras.layers.Reshape(IMAGE_SHAPE),
         ]
+    pooled = params.readout == "pool"
     for index in range(params.layers):
         last = index == params.layers - 1
-        # Only the last layer's final state feeds the classifier: the whole image has been read.
+        # readout last: only the last layer's final state feeds the classifier (the whole image
+        # has been read); pool: every row's output of the last layer does.
         name = "lstm" if index == 0 else f"lstm_{index}"
         # Unrolled: 28 steps are few and fixed, so one straight-line graph beats a while loop on
         # CPU (measured with `make bench`; docs/performance-engineering.md).
-        lstm = keras.layers.LSTM(params.units, return_sequences=not last, unroll=unroll, name=name)
+        lstm = keras.layers.LSTM(
+            params.units, return_sequences=pooled or not last, unroll=unroll, name=name
+        )
         if params.bidirectional:
             lstm = keras.layers.Bidirectional(lstm, name=f"bi{name}")
         layers.append(lstm)
         if params.dropout and not last:
             layers.append(keras.layers.Dropout(params.dropout, name=f"dropout_{index}"))
+    head: list = []
     if params.batch_norm:
         # Rescales the LSTM's final state, which lets plain SGD at 0.01 converge in 10 epochs.
-        layers.append(keras.layers.BatchNormalization(name="batch_norm"))
+        head.append(keras.layers.BatchNormalization(name="batch_norm"))
     if params.dropout:
-        layers.append(keras.layers.Dropout(params.dropout, name="dropout"))
+        head.append(keras.layers.Dropout(params.dropout, name="dropout"))
     # Logits, not probabilities: the loss applies the softmax itself (from_logits=True).
-    layers.append(keras.layers.Dense(NUM_CLASSES, name="logits"))
-    model = keras.Sequential(layers, name="mnist_lstm")
+    head.append(keras.layers.Dense(NUM_CLASSES, name="logits"))
+    if pooled:
+        model = _pooled(layers, head)
+    else:
+        model = keras.Sequential(layers + head, name="mnist_lstm")
     if kernel == "onednn":
         # The same layers and weights, trained through one fused oneDNN kernel per layer and
         # direction instead of ~40 TensorFlow ops per timestep; the saved model stays plain Keras.
         onednn_lstm.use_onednn(model)
     return model
+
+
+def _pooled(body: list, head: list) -> keras.Model:
+    """`body` (input to the last LSTM's per-row outputs), read out as the maximum and the mean of
+    each feature over the 28 rows, then `head`. A stroke anywhere in the image counts as much as
+    one in the last rows (measured: docs/performance.md#accuracy)."""
+    inputs, x = body[0], body[0]
+    for layer in body[1:]:
+        x = layer(x)
+    x = keras.layers.Concatenate(name="readout")(
+        [
+            keras.layers.GlobalMaxPooling1D(name="row_max")(x),
+            keras.layers.GlobalAveragePooling1D(name="row_mean")(x),
+        ]
+    )
+    for layer in head:
+        x = layer(x)
+    return keras.Model(inputs, x, name="mnist_lstm")
 
 
 def compile_model(

@@ -78,6 +78,8 @@ class TrainParams(_Section):
     seed: int = Field(ge=0, lt=2**32, description="an integer 0..2**32-1")
     bidirectional: bool = Field(description="true or false")
     layers: int = Field(ge=1, le=4, description="an integer 1..4")
+    # What of the last LSTM feeds the classifier: its final state, or every row's output pooled.
+    readout: Literal["last", "pool"]
     dropout: Number = Field(ge=0, lt=1, description="a finite number in [0, 1)")
     schedule: Literal["constant", "cosine"]
     augment_shift: int = Field(ge=0, le=8, description="an integer 0..8")
