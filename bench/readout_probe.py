@@ -4,7 +4,8 @@
 `dvc repro normalize`: the tuned preset (params.yaml + params.tuned.yaml) with batches of 256 and a
 learning rate of 0.004, trained on the first 55,000 training images and validated on the last
 5,000. rowcol: a Bidirectional LSTM over rows and one over columns; pool: one over rows, read out
-as the max and mean of every row's output instead of its last state. Not yet a param.
+as the max and mean of every row's output instead of its last state -- the prototype of
+`train.readout: pool`, kept so that the probe rows in performance.md rerun as they were measured.
 """
 
 import sys
